@@ -1,0 +1,8 @@
+"""DSAN MONAI bundle: cross-modality unsupervised domain adaptation for segmentation.
+
+Importing the package imports every module, so configs need only `$import scripts`.
+"""
+
+from scripts import checkpoints, data, demo, losses, networks, phantom, reporting, trainer
+
+__all__ = ["checkpoints", "data", "demo", "losses", "networks", "phantom", "reporting", "trainer"]

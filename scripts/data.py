@@ -1,0 +1,79 @@
+"""Data: the datalist, the unpaired source/target batch stream, and the up-front dataset check.
+
+Transforms themselves are declared in configs/train.yaml (MONAI dictionary transforms); this module only
+holds what a config cannot express in a line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from monai.data import load_decathlon_datalist
+
+SPLITS = ("source_train", "target_train", "target_val", "target_test")
+
+HOW_TO_GET_DATA = """\
+Prepare real data as a datalist JSON (format: docs/data.md) and point the bundle at it:
+    python -m monai.bundle run training --config_file configs/train.yaml \\
+        --dataset_dir /path/to/data --datalist /path/to/data/datalist.json
+or run the self-contained CPU demo, which generates its own phantom data:
+    python -m monai.bundle run demo --config_file "['configs/train.yaml','configs/demo.yaml']\""""
+
+
+class DatasetNotFoundError(SystemExit):
+    """Raised before any training starts when the dataset is absent: a message, not a traceback
+    (a SystemExit subclass, so `monai.bundle run` ends with the text and exit status 1)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"ERROR: {problem}\n\n{HOW_TO_GET_DATA}")
+
+
+def check_dataset(dataset_dir: str | os.PathLike, datalist: str | os.PathLike) -> None:
+    """Stop at once, with instructions, when the dataset folder or its datalist is missing."""
+    if not Path(dataset_dir).is_dir():
+        raise DatasetNotFoundError(f"dataset_dir {str(dataset_dir)!r} does not exist.")
+    if not Path(datalist).is_file():
+        raise DatasetNotFoundError(f"datalist {str(datalist)!r} does not exist.")
+    with open(datalist) as f:
+        entries = json.load(f)
+    missing = [split for split in ("source_train", "target_train", "target_val") if not entries.get(split)]
+    if missing:
+        raise DatasetNotFoundError(f"datalist {str(datalist)!r} has no entries for {missing}.")
+
+
+def read_split(datalist: str | os.PathLike, dataset_dir: str | os.PathLike, split: str) -> list[dict]:
+    """Entries of one split with paths resolved against ``dataset_dir``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return load_decathlon_datalist(str(datalist), is_segmentation=True, data_list_key=split, base_dir=dataset_dir)
+
+
+class UnpairedBatches:
+    """An endless stream of unpaired training batches: each item holds a labelled source batch and an
+    unlabelled target batch drawn independently, as DSAN's iteration needs.
+
+    Each loader is restarted (and so reshuffled) whenever it runs out; the two never advance in step,
+    so neither domain's data is repeated to match the other's length.
+    """
+
+    def __init__(self, source_loader: Iterable[dict], target_loader: Iterable[dict]) -> None:
+        self.source_loader = source_loader
+        self.target_loader = target_loader
+
+    @staticmethod
+    def _forever(loader: Iterable[dict]) -> Iterator[dict]:
+        while True:
+            empty = True
+            for batch in loader:
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError("a training data loader yielded no batch; is its split empty?")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for source, target in zip(self._forever(self.source_loader), self._forever(self.target_loader)):
+            yield {"source_image": source["image"], "source_label": source["label"], "target_image": target["image"]}

@@ -1,0 +1,262 @@
+"""The networks of DSAN (Han et al., Sec. III-D), each usable on its own.
+
+Paper symbol -> class:
+    E          DeepLabResNet50Encoder  (DeepLab-v2 ResNet-50, output stride 8)
+    C_1, C_2   ASPPClassifier          (C_1 on layer3 features, C_2 on layer4 features)
+    E + C_i    Segmenter               (the segmentation sub-network; what inference needs)
+    U_s, U_t   TranslationDecoder      (private decoders rendering source / target style)
+    D_s, D_t   PatchDiscriminator      (image discriminators)
+    D_p1, D_p2 PatchDiscriminator      (prediction-map discriminators, on softmax maps)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+EXPANSION = 4  # a ResNet bottleneck widens its output by 4
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count of a width-multiplied layer (never below 4, so tiny widths stay valid)."""
+    return max(4, int(round(channels * width)))
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck with torchvision's parameter names, so torchvision weights load by name."""
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, dilation: int = 1) -> None:
+        super().__init__()
+        out_channels = planes * EXPANSION
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + self.downsample(x))
+
+
+class DeepLabResNet50Encoder(nn.Module):
+    """E: DeepLab-v2 ResNet-50 (bottlenecks 3-4-6-3), layer3 dilated 2, layer4 dilated 4: output stride 8.
+
+    ``forward`` returns ``(layer3 features, layer4 features)``, both at 1/8 of the input size
+    (rounded up), feeding C_1 and C_2 respectively; U_s and U_t read the layer4 features.
+    ``width`` multiplies every channel count: 1.0 is the paper's network, smaller values make CPU profiles.
+    """
+
+    def __init__(self, in_channels: int = 1, width: float = 1.0, blocks: Sequence[int] = (3, 4, 6, 3)) -> None:
+        super().__init__()
+        stem = scaled(64, width)
+        self.conv1 = nn.Conv2d(in_channels, stem, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        planes = [scaled(p, width) for p in (64, 128, 256, 512)]
+        strides_dilations = ((1, 1), (2, 1), (1, 2), (1, 4))
+        layers, in_ch = [], stem
+        for n_blocks, p, (stride, dilation) in zip(blocks, planes, strides_dilations):
+            layer = [Bottleneck(in_ch, p, stride, dilation)]
+            layer += [Bottleneck(p * EXPANSION, p, 1, dilation) for _ in range(n_blocks - 1)]
+            layers.append(nn.Sequential(*layer))
+            in_ch = p * EXPANSION
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.layer3_channels = planes[2] * EXPANSION
+        self.layer4_channels = planes[3] * EXPANSION
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        f3 = self.layer3(self.layer2(self.layer1(x)))
+        return f3, self.layer4(f3)
+
+
+def load_torchvision_resnet50(encoder: DeepLabResNet50Encoder, path: str | os.PathLike) -> DeepLabResNet50Encoder:
+    """Initialise E's layer1-layer4 from a local torchvision-format ResNet-50 state-dict file.
+
+    As the paper (Sec. V-1) does, only layer1..layer4 are reused: the stem takes one channel and the
+    fully connected head is gone. Never downloads; the file must exist. Loaded with weights_only=True.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    reused = {k: v for k, v in state.items() if k.split(".")[0] in ("layer1", "layer2", "layer3", "layer4")}
+    if not reused:
+        raise ValueError(f"{path}: no layer1..layer4 keys; is this a torchvision ResNet-50 state dict?")
+    own = encoder.state_dict()
+    mismatched = [k for k, v in reused.items() if k not in own or own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(
+            f"{path} does not fit this encoder (is encoder_width 1.0?): {len(mismatched)} keys differ, "
+            f"e.g. {mismatched[:5]}"
+        )
+    encoder.load_state_dict(reused, strict=False)
+    logger.info("initialised encoder layer1-layer4 from %s (%d tensors)", path, len(reused))
+    return encoder
+
+
+class ASPPClassifier(nn.Module):
+    """C_i: four dilated 3x3 convolutions (rates 6, 12, 18, 24) whose outputs are summed (DeepLab-v2).
+
+    All four branches contribute (the widely copied AdaptSegNet version returns after two).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = (6, 12, 18, 24)) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates
+        )
+        for conv in self.branches:
+            nn.init.normal_(conv.weight, 0.0, 0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branches[0](x)
+        for branch in self.branches[1:]:
+            out = out + branch(x)
+        return out
+
+
+class Segmenter(nn.Module):
+    """The segmentation sub-network E + C_1 + C_2.
+
+    ``forward`` gives C_2's logits upsampled to the input size (inference, export); ``classify`` gives
+    both levels' logits at feature resolution (training, Eq. (7)-(10)).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 5, width: float = 1.0) -> None:
+        super().__init__()
+        self.encoder = DeepLabResNet50Encoder(in_channels, width)
+        self.aux_classifier = ASPPClassifier(self.encoder.layer3_channels, num_classes)
+        self.main_classifier = ASPPClassifier(self.encoder.layer4_channels, num_classes)
+
+    def classify(self, features: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.aux_classifier(features[0]), self.main_classifier(features[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.classify(self.encoder(x))[1]
+        return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """Normalisation layer of the translation decoders: 'instance', 'batch' or 'none'."""
+    layers = {
+        "instance": lambda: nn.InstanceNorm2d(channels, affine=True),
+        "batch": lambda: nn.BatchNorm2d(channels),
+        "none": nn.Identity,
+    }
+    if kind not in layers:
+        raise ValueError(f"norm must be one of {sorted(layers)}, got {kind!r}")
+    return layers[kind]()
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int, norm: str) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1),
+            make_norm(norm, channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            make_norm(norm, channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class TranslationDecoder(nn.Module):
+    """U_s / U_t: conv, 3 residual blocks, 3 stride-2 transposed convolutions, tanh.
+
+    Reads E's layer4 features (stride 8) and renders a 1-channel image in [-1, 1] of exactly the
+    encoder input's size whenever that input's sides are multiples of 8.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int = 1, channels: int = 256, num_res_blocks: int = 3,
+        norm: str = "instance",
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, channels, 3, padding=1), make_norm(norm, channels), nn.ReLU(inplace=True)
+        ]
+        layers += [ResidualBlock(channels, norm) for _ in range(num_res_blocks)]
+        ch = channels
+        for _ in range(2):
+            layers += [
+                nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1),
+                make_norm(norm, ch // 2),
+                nn.ReLU(inplace=True),
+            ]
+            ch //= 2
+        layers += [nn.ConvTranspose2d(ch, out_channels, 3, stride=2, padding=1, output_padding=1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+class PatchDiscriminator(nn.Module):
+    """D_s, D_t, D_p1, D_p2: four k4 s2 convolutions (64-128-256-512) with LeakyReLU 0.2, then a
+    1-channel k4 s1 convolution giving a map of patch logits (no sigmoid: the GAN loss decides).
+
+    Inputs need sides of at least 32 pixels.
+    """
+
+    def __init__(self, in_channels: int, channels: Sequence[int] = (64, 128, 256, 512)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        ch = in_channels
+        for out in channels:
+            layers += [nn.Conv2d(ch, out, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+            ch = out
+        layers.append(nn.Conv2d(ch, 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def unique_parameters(*modules: nn.Module) -> Iterator[nn.Parameter]:
+    """Parameters of several modules, each once, so shared modules (Table V variants) can be
+    handed to one optimiser without duplicates."""
+    seen: set[int] = set()
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield p
+
+
+def set_requires_grad(modules: Iterable[nn.Module], flag: bool) -> None:
+    """Freeze (False) or unfreeze (True) every parameter of the given modules."""
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def frozen(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Within the block, the modules' parameters take no gradient (e.g. the discriminators during the
+    generator step); they are unfrozen afterwards even if the block raises."""
+    modules = list(modules)
+    set_requires_grad(modules, False)
+    try:
+        yield
+    finally:
+        set_requires_grad(modules, True)

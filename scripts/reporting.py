@@ -1,0 +1,105 @@
+"""What training tells the person watching it: progress with an ETA and the loss terms, and the
+per-class validation Dice."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+
+logger = logging.getLogger("dsan")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+class ProgressLogger:
+    """Every ``interval`` iterations: iteration i/N, seconds per iteration, ETA, and each loss term."""
+
+    def __init__(self, interval: int = 10) -> None:
+        self.interval = interval
+        self._start_time = 0.0
+        self._start_iteration = -1
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self._first_iteration)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self._log)
+
+    def _first_iteration(self, engine: Engine) -> None:
+        if self._start_iteration < 0:  # measured from here, so a resumed run's ETA counts only what is left
+            self._start_time = time.perf_counter()
+            self._start_iteration = engine.state.iteration - 1
+
+    def _log(self, engine: Engine) -> None:
+        done = engine.state.iteration - self._start_iteration
+        total = engine.state.max_epochs * engine.state.epoch_length
+        per_it = (time.perf_counter() - self._start_time) / max(done, 1)
+        terms = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(engine.state.output.items()))
+        logger.info(
+            "iter %d/%d  %.2f s/it  ETA %s  %s",
+            engine.state.iteration, total, per_it, format_duration(per_it * (total - engine.state.iteration)), terms,
+        )
+
+
+class ValidationReport:
+    """After each validation: puts the mean Dice of every foreground class into ``engine.state.metrics``
+    as ``val_dice_<name>`` (so Stats/TensorBoard handlers log them), logs one line, and appends the
+    record to the JSON ``history_file`` (one entry per validation, keyed by training iteration).
+
+    Reads the per-volume, per-class details that MeanDice(save_details=True) keeps for ``metric_name``.
+    A class absent from every validation volume is reported as nan (null in the JSON).
+    """
+
+    def __init__(
+        self, class_names: Sequence[str], iterations_per_epoch: int, history_file: str | os.PathLike | None = None,
+        metric_name: str = "val_mean_dice",
+    ) -> None:
+        self.class_names = list(class_names)
+        self.iterations_per_epoch = iterations_per_epoch
+        self.history_file = None if history_file is None else Path(history_file)
+        self.metric_name = metric_name
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        details = engine.state.metric_details[self.metric_name]  # (volumes, foreground classes)
+        per_class = torch.nanmean(torch.as_tensor(details, dtype=torch.float32), dim=0).tolist()
+        for class_name, value in zip(self.class_names, per_class):
+            engine.state.metrics[f"val_dice_{class_name}"] = value
+        mean = float(engine.state.metrics[self.metric_name])
+        logger.info("validation Dice (%%) at iteration %d: mean %.2f  %s",
+                    engine.state.epoch * self.iterations_per_epoch, 100 * mean,
+                    "  ".join(f"{n} {100 * v:.2f}" for n, v in zip(self.class_names, per_class)))
+        if self.history_file is not None:
+            self._append(engine.state.epoch * self.iterations_per_epoch, mean, per_class)
+
+    def _append(self, iteration: int, mean: float, per_class: list[float]) -> None:
+        history = read_history(self.history_file)
+        history = [h for h in history if h["iteration"] != iteration]  # a resumed run may validate again
+        history.append({
+            "iteration": iteration,
+            "time": time.time(),
+            "mean_dice": None if math.isnan(mean) else mean,
+            "class_dice": {n: None if math.isnan(v) else v for n, v in zip(self.class_names, per_class)},
+        })
+        self.history_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.history_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(history, key=lambda h: h["iteration"]), indent=1))
+        tmp.replace(self.history_file)
+
+
+def read_history(path: str | os.PathLike) -> list[dict]:
+    """The validation records ``ValidationReport`` wrote to ``path`` (empty if none yet)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else []

@@ -1,0 +1,288 @@
+"""The DSAN adversarial trainer: an Ignite engine (monai.engines.Trainer) whose iteration is Sec. III.
+
+Code name -> paper symbol (Han et al., Fig. 2):
+
+    segmenter.encoder                      E (shared encoder)
+    segmenter.aux_classifier / main_...    C_1 (layer3) / C_2 (layer4)
+    translation_encoder                    E of the translation sub-networks (is segmenter.encoder unless
+                                           the "unshared encoders" variant of Table V)
+    decoder_s / decoder_t                  U_s / U_t (the same module in the "shared decoders" variant)
+    image_discriminator_s / _t             D_s / D_t
+    prediction_discriminators[i]           D_p_i, Eq. (9)
+    translated_prediction_discriminators   D_p_i of Eq. (10) (the same modules unless "unshared discriminators")
+    x_s2t = U_t(E(x_s)), x_t2s = U_s(E(x_t))   x_s->t, x_t->s
+
+One iteration: (a) with every discriminator frozen, update E, C, U_s, U_t on Eq. (12);
+(b) update D_s, D_t, D_p on detached fakes. ``terms`` selects which of Eq. (12)'s five terms are on
+(the rows of Table IV); a term that is off is neither computed nor reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from functools import cached_property
+from typing import Any
+
+import torch
+from monai.engines import Trainer
+from torch import nn
+
+from scripts import losses
+from scripts.networks import Segmenter, frozen
+
+TERMS = ("gen_t", "gen_s", "seg_s", "seg_s2t", "adv_sec")
+"""The five terms of Eq. (12): L_gen^t, L_gen^s, L_seg^s, L_seg^s->t, L_adv^sec."""
+
+
+def prepare_unpaired_batch(
+    batch: dict[str, torch.Tensor], device: torch.device | str, non_blocking: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_s, y_s, x_t) as plain tensors on ``device`` from one ``UnpairedBatches`` item."""
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        t = t.as_tensor() if hasattr(t, "as_tensor") else t  # MetaTensor bookkeeping is not needed here
+        return t.to(device, non_blocking=non_blocking)
+
+    return to_device(batch["source_image"]), to_device(batch["source_label"]), to_device(batch["target_image"])
+
+
+class DSANForward:
+    """The forward passes of one iteration, each computed on first use and then reused, so an
+    ablation that drops a term also skips the passes only that term needed."""
+
+    def __init__(self, trainer: DSANTrainer, x_s: torch.Tensor, x_t: torch.Tensor) -> None:
+        self.net = trainer
+        self.x_s, self.x_t = x_s, x_t
+        self._maps: dict[str, list[torch.Tensor]] = {}
+
+    def _translation_features(self, x: torch.Tensor, seg_features: Callable[[], tuple]) -> torch.Tensor:
+        if self.net.translation_encoder is self.net.segmenter.encoder:
+            return seg_features()[1]
+        return self.net.translation_encoder(x)[1]
+
+    def _levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.segmenter.classify(self.net.segmenter.encoder(x))
+
+    @cached_property
+    def features_s(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.segmenter.encoder(self.x_s)
+
+    @cached_property
+    def features_t(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.segmenter.encoder(self.x_t)
+
+    @cached_property
+    def z_s(self) -> torch.Tensor:
+        return self._translation_features(self.x_s, lambda: self.features_s)
+
+    @cached_property
+    def z_t(self) -> torch.Tensor:
+        return self._translation_features(self.x_t, lambda: self.features_t)
+
+    @cached_property
+    def x_s2t(self) -> torch.Tensor:
+        return self.net.decoder_t(self.z_s)
+
+    @cached_property
+    def x_t2s(self) -> torch.Tensor:
+        return self.net.decoder_s(self.z_t)
+
+    @cached_property
+    def rec_s(self) -> torch.Tensor:
+        return self.net.decoder_s(self.z_s)
+
+    @cached_property
+    def rec_t(self) -> torch.Tensor:
+        return self.net.decoder_t(self.z_t)
+
+    @cached_property
+    def logits_s(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.segmenter.classify(self.features_s)
+
+    @cached_property
+    def logits_t(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.segmenter.classify(self.features_t)
+
+    @cached_property
+    def logits_s2t(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._levels(self.x_s2t)
+
+    @cached_property
+    def logits_t2s(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._levels(self.x_t2s)
+
+    def maps(self, name: str) -> list[torch.Tensor]:
+        """Softmax prediction maps at image size of ``logits_<name>``, for D_p_i (computed once)."""
+        if name not in self._maps:
+            self._maps[name] = losses.prediction_maps(getattr(self, f"logits_{name}"), self.x_s.shape[-2:])
+        return self._maps[name]
+
+
+class DSANTrainer(Trainer):
+    """DSAN training (Han et al., Eq. (1)-(12)) as an Ignite engine; see the module docstring for the
+    code-to-paper symbol table.
+
+    Training length is ``max_iterations``, run as epochs of ``iterations_per_epoch`` iterations (the
+    validation interval), so validation and checkpoint handlers fire at epoch ends. ``data_loader``
+    yields unpaired batches forever (``scripts.data.UnpairedBatches``). The engine output is a flat dict
+    with one key per loss term (``loss`` is Eq. (12); ``loss_d_*`` are the discriminators' losses).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_iterations: int,
+        iterations_per_epoch: int,
+        data_loader: Iterable,
+        segmenter: Segmenter,
+        decoder_s: nn.Module,
+        decoder_t: nn.Module,
+        image_discriminator_s: nn.Module,
+        image_discriminator_t: nn.Module,
+        prediction_discriminators: Sequence[nn.Module],
+        segmentation_loss: nn.Module,
+        optimizer_seg: torch.optim.Optimizer,
+        optimizer_dec: torch.optim.Optimizer,
+        optimizer_d_image: torch.optim.Optimizer,
+        optimizer_d_pred: torch.optim.Optimizer,
+        translation_encoder: nn.Module | None = None,
+        translated_prediction_discriminators: Sequence[nn.Module] | None = None,
+        terms: Sequence[str] = TERMS,
+        lambda_rec: float = 1.0,
+        lambda_adv: float = 0.01,
+        lambda_gen: float = 1.0,
+        lambda_seg: float = 1.0,
+        lambda_secadv: float = 0.1,
+        gan_mode: str = "lsgan",
+        amp: bool = False,
+        channels_last: bool = False,
+        non_blocking: bool = False,
+        prepare_batch: Callable = prepare_unpaired_batch,
+        handlers: Sequence | None = None,
+    ) -> None:
+        if max_iterations <= 0 or iterations_per_epoch <= 0 or max_iterations % iterations_per_epoch:
+            raise ValueError(
+                f"max_iterations ({max_iterations}) must be a positive multiple of the validation interval "
+                f"({iterations_per_epoch})"
+            )
+        unknown = sorted(set(terms) - set(TERMS))
+        if unknown or not terms:
+            raise ValueError(f"terms must be a non-empty subset of {TERMS}, got unknown {unknown}")
+        if gan_mode not in losses.GAN_MODES:
+            raise ValueError(f"gan_mode must be one of {losses.GAN_MODES}, got {gan_mode!r}")
+        super().__init__(
+            device=device,
+            max_epochs=max_iterations // iterations_per_epoch,
+            data_loader=data_loader,
+            epoch_length=iterations_per_epoch,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            handlers=handlers,
+            amp=amp,
+            decollate=False,
+        )
+        self.segmenter = segmenter
+        self.translation_encoder = segmenter.encoder if translation_encoder is None else translation_encoder
+        self.decoder_s, self.decoder_t = decoder_s, decoder_t
+        self.image_discriminator_s, self.image_discriminator_t = image_discriminator_s, image_discriminator_t
+        self.prediction_discriminators = nn.ModuleList(prediction_discriminators)
+        self.translated_prediction_discriminators = (
+            self.prediction_discriminators
+            if translated_prediction_discriminators is None
+            else nn.ModuleList(translated_prediction_discriminators)
+        )
+        self.segmentation_loss = segmentation_loss
+        self.generator_optimizers = (optimizer_seg, optimizer_dec)
+        self.discriminator_optimizers = (optimizer_d_image, optimizer_d_pred)
+        self.terms = frozenset(terms)
+        self.lambdas = {"rec": lambda_rec, "adv": lambda_adv, "gen": lambda_gen, "seg": lambda_seg,
+                        "secadv": lambda_secadv}
+        self.gan_mode = gan_mode
+        self.channels_last = channels_last
+        self.grad_scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp)
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        for module in self.networks:
+            module.to(device=device, memory_format=memory_format)
+
+    @property
+    def discriminators(self) -> list[nn.Module]:
+        return [self.image_discriminator_s, self.image_discriminator_t,
+                *self.prediction_discriminators, *self.translated_prediction_discriminators]
+
+    @property
+    def networks(self) -> list[nn.Module]:
+        return [self.segmenter, self.translation_encoder, self.decoder_s, self.decoder_t, *self.discriminators]
+
+    def _autocast(self) -> AbstractContextManager:
+        return torch.autocast(torch.device(self.state.device).type, enabled=self.amp)
+
+    def _step(self, loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """One backward pass and optimiser step, through the gradient scaler (a no-op unless amp)."""
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.grad_scaler.scale(loss).backward()
+        for optimizer in optimizers:
+            self.grad_scaler.step(optimizer)
+
+    def generator_losses(self, f: DSANForward, y_s: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. (1)-(12) on the generator side: the terms E, C_i, U_s and U_t minimise."""
+        lam, mode, out = self.lambdas, self.gan_mode, {}
+        zero = torch.zeros((), device=f.x_s.device)
+        if "gen_t" in self.terms:
+            out["loss_rec_t"] = losses.reconstruction_loss(f.rec_t, f.x_t)  # Eq. (3)
+            out["loss_adv_t"] = losses.image_adversarial_loss(self.image_discriminator_t, f.x_s2t, mode)  # Eq. (1)
+            out["loss_gen_t"] = losses.generation_loss(out["loss_rec_t"], out["loss_adv_t"], lam["rec"], lam["adv"])
+        if "gen_s" in self.terms:
+            out["loss_rec_s"] = losses.reconstruction_loss(f.rec_s, f.x_s)  # Eq. (4)
+            out["loss_adv_s"] = losses.image_adversarial_loss(self.image_discriminator_s, f.x_t2s, mode)  # Eq. (2)
+            out["loss_gen_s"] = losses.generation_loss(out["loss_rec_s"], out["loss_adv_s"], lam["rec"], lam["adv"])
+        if "seg_s" in self.terms:
+            out["loss_seg_s"] = self.segmentation_loss(f.logits_s, y_s)  # Eq. (7)
+        if "seg_s2t" in self.terms:
+            out["loss_seg_s2t"] = self.segmentation_loss(f.logits_s2t, y_s)  # Eq. (8)
+        if "adv_sec" in self.terms:
+            out["loss_adv_p"] = losses.semantic_adversarial_loss(self.prediction_discriminators, f.maps("t"), mode)
+            out["loss_adv_tp"] = losses.semantic_adversarial_loss(
+                self.translated_prediction_discriminators, f.maps("t2s"), mode
+            )
+            out["loss_adv_sec"] = losses.semantic_loss(out["loss_adv_p"], out["loss_adv_tp"])  # Eq. (11)
+        out["loss"] = losses.total_loss(  # Eq. (12)
+            *(out.get(f"loss_{term}", zero) for term in TERMS),
+            lambda_gen=lam["gen"], lambda_seg=lam["seg"], lambda_secadv=lam["secadv"],
+        )
+        return out
+
+    def discriminator_losses(self, f: DSANForward) -> dict[str, torch.Tensor]:
+        """The discriminators' side of Eq. (1), (2), (9) and (10), on detached fakes."""
+        mode, out = self.gan_mode, {}
+        if "gen_t" in self.terms:
+            out["loss_d_t"] = losses.discriminator_loss(self.image_discriminator_t, f.x_t, f.x_s2t, mode)
+        if "gen_s" in self.terms:
+            out["loss_d_s"] = losses.discriminator_loss(self.image_discriminator_s, f.x_s, f.x_t2s, mode)
+        if "adv_sec" in self.terms:
+            out["loss_d_p"] = losses.semantic_discriminator_loss(
+                self.prediction_discriminators, f.maps("s"), f.maps("t"), mode
+            )
+            out["loss_d_tp"] = losses.semantic_discriminator_loss(
+                self.translated_prediction_discriminators, f.maps("s2t"), f.maps("t2s"), mode
+            )
+        return out
+
+    def _iteration(self, engine: DSANTrainer, batchdata: dict[str, Any]) -> dict[str, torch.Tensor]:
+        x_s, y_s, x_t = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        if self.channels_last:
+            x_s, x_t = (x.contiguous(memory_format=torch.channels_last) for x in (x_s, x_t))
+        for module in self.networks:
+            module.train()
+        f = DSANForward(self, x_s, x_t)
+        with frozen(self.discriminators):
+            with self._autocast():
+                g_losses = self.generator_losses(f, y_s)
+            self._step(g_losses["loss"], self.generator_optimizers)
+        with self._autocast():
+            d_losses = self.discriminator_losses(f)
+        if d_losses:
+            self._step(sum(d_losses.values()), self.discriminator_optimizers)
+        self.grad_scaler.update()
+        return {name: value.detach() for name, value in {**g_losses, **d_losses}.items()}
