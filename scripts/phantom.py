@@ -122,7 +122,7 @@ def _draw_heart(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.nda
     grid = _grid(shape)
 
     # LV cavity: ellipsoid with its long axis roughly along the slice axis, rotated in plane and tilted.
-    thick = max(2.0, rng.uniform(2.6, 4.0) * scale)
+    thick = max(2.5, rng.uniform(2.6, 4.0) * scale)
     thick_mod = rng.uniform(0.0, 0.2)  # wall-thickness variation around the ring
     max_thick = thick * (1.0 + thick_mod)
     a = rng.uniform(0.1, 0.125) * n
@@ -431,7 +431,10 @@ def _move_into_place(tmp: pathlib.Path, output_dir: pathlib.Path) -> None:
         old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(output_dir, old)
         os.replace(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     else:
         os.replace(tmp, output_dir)
 

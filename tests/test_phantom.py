@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import pathlib
@@ -17,15 +18,14 @@ _ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from scripts import phantom  # noqa: E402
-from scripts.phantom import (  # noqa: E402
-    CLASS_NAMES,
-    generate_demo_dataset,
-    phantom_labels,
-    render_source,
-    render_target,
-    save_preview,
-)
+# Imported after the path fix-up without tripping import-order lint rules.
+phantom = importlib.import_module("scripts.phantom")
+CLASS_NAMES = phantom.CLASS_NAMES
+generate_demo_dataset = phantom.generate_demo_dataset
+phantom_labels = phantom.phantom_labels
+render_source = phantom.render_source
+render_target = phantom.render_target
+save_preview = phantom.save_preview
 
 SHAPE = (48, 48, 16)
 COUNTS = {"num_source_train": 2, "num_target_train": 2, "num_target_val": 1, "num_target_test": 1}
@@ -110,7 +110,8 @@ def test_datalist_structure(dataset: pathlib.Path) -> None:
     for split, count in meta["counts"].items():
         assert len(datalist[split]) == count
     assert all(set(e) == {"image"} for e in datalist["target_train"])
-    assert [e["image"] for e in datalist["target_train_labels"]] == [e["image"] for e in datalist["target_train"]]
+    listed_labels = [e["image"] for e in datalist["target_train_labels"]]
+    assert listed_labels == [e["image"] for e in datalist["target_train"]]
     for split in ("source_train", "target_val", "target_test", "target_train_labels"):
         assert all(set(e) == {"image", "label"} for e in datalist[split])
     assert datalist["source_train"][0]["image"] == "source_train/src_000_image.nii.gz"
@@ -168,6 +169,9 @@ def test_regenerates_on_changed_arguments_or_missing_file(tmp_path: pathlib.Path
     generate_demo_dataset(out, shape=SHAPE, seed=1, **small)
     assert (out / "target_train" / "tgt_000_image.nii.gz").is_file()
     np.testing.assert_array_equal(_load(out / "source_train" / "src_000_label.nii.gz")[0], labels1)
+    inode = first.stat().st_ino
+    generate_demo_dataset(out, shape=SHAPE, seed=1, overwrite=True, **small)
+    assert first.stat().st_ino != inode, "overwrite=True must regenerate even a matching dataset"
 
 
 def test_interrupted_run_leaves_no_dataset(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:

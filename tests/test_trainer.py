@@ -1,0 +1,173 @@
+"""One DSAN iteration: what each step updates, what it must leave alone, and the Table IV / V switches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from scripts.data import UnpairedBatches
+from scripts.losses import SegmentationLoss
+from scripts.networks import PatchDiscriminator, Segmenter, TranslationDecoder, unique_parameters
+from scripts.trainer import DSANTrainer
+
+SIZE, BATCH, CLASSES = 32, 2, 3
+
+
+def batches() -> UnpairedBatches:
+    gen = torch.Generator().manual_seed(0)
+    source = [{"image": torch.rand(BATCH, 1, SIZE, SIZE, generator=gen) * 2 - 1,
+               "label": torch.randint(0, CLASSES, (BATCH, 1, SIZE, SIZE), generator=gen).float()}]
+    target = [{"image": torch.rand(BATCH, 1, SIZE, SIZE, generator=gen) * 2 - 1}]
+    return UnpairedBatches(source, target)
+
+
+def make_trainer(
+    shared_decoders: bool = False, unshared_encoders: bool = False, unshared_discriminators: bool = False,
+    **kwargs,
+) -> DSANTrainer:
+    torch.manual_seed(0)
+    segmenter = Segmenter(1, CLASSES, width=0.125)
+    translation_encoder = Segmenter(1, CLASSES, width=0.125).encoder if unshared_encoders else segmenter.encoder
+    channels = segmenter.encoder.layer4_channels
+    decoder_t = TranslationDecoder(channels, channels=16)
+    decoder_s = decoder_t if shared_decoders else TranslationDecoder(channels, channels=16)
+    disc = (8, 8, 8, 8)
+    d_s, d_t = PatchDiscriminator(1, disc), PatchDiscriminator(1, disc)
+    dp = [PatchDiscriminator(CLASSES, disc), PatchDiscriminator(CLASSES, disc)]
+    dtp = [PatchDiscriminator(CLASSES, disc), PatchDiscriminator(CLASSES, disc)] if unshared_discriminators else dp
+    return DSANTrainer(
+        device="cpu", max_iterations=1, iterations_per_epoch=1, data_loader=batches(),
+        segmenter=segmenter, translation_encoder=translation_encoder, decoder_s=decoder_s, decoder_t=decoder_t,
+        image_discriminator_s=d_s, image_discriminator_t=d_t, prediction_discriminators=dp,
+        translated_prediction_discriminators=dtp, segmentation_loss=SegmentationLoss(CLASSES),
+        optimizer_seg=torch.optim.Adam(unique_parameters(segmenter, translation_encoder), lr=2e-4),
+        optimizer_dec=torch.optim.Adam(unique_parameters(decoder_s, decoder_t), lr=1e-3),
+        optimizer_d_image=torch.optim.Adam(unique_parameters(d_s, d_t), lr=1e-4),
+        optimizer_d_pred=torch.optim.Adam(unique_parameters(*dp, *dtp), lr=5e-5),
+        **kwargs,
+    )
+
+
+def snapshot(params) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def changed(before: list[torch.Tensor], params) -> list[bool]:
+    return [not torch.equal(b, p.detach()) for b, p in zip(before, params)]
+
+
+def optimiser_params(trainer: DSANTrainer) -> dict[str, list[nn.Parameter]]:
+    optimisers = (*trainer.generator_optimizers, *trainer.discriminator_optimizers)
+    names = ("seg", "dec", "d_image", "d_pred")
+    return {n: [p for g in o.param_groups for p in g["params"]] for n, o in zip(names, optimisers)}
+
+
+def disc_params(trainer: DSANTrainer) -> list[nn.Parameter]:
+    return list(unique_parameters(*trainer.discriminators))
+
+
+def test_one_iteration_updates_every_parameter_of_every_optimiser() -> None:
+    trainer = make_trainer()
+    params = optimiser_params(trainer)
+    before = {n: snapshot(ps) for n, ps in params.items()}
+    trainer.run()
+    for name, ps in params.items():
+        moved = changed(before[name], ps)
+        assert all(moved), f"optimiser {name}: {moved.count(False)} of {len(ps)} parameters did not change"
+
+
+def test_generator_step_leaves_discriminators_alone_and_discriminator_step_the_generator() -> None:
+    trainer = make_trainer()
+    d_params = disc_params(trainer)
+    d_before = snapshot(d_params)
+    e_params = list(trainer.segmenter.encoder.parameters())
+    u_params = list(unique_parameters(trainer.decoder_s, trainer.decoder_t))
+    seen = []
+    original_step = trainer._step
+
+    def spy(loss, optimizers):
+        original_step(loss, optimizers)
+        seen.append({
+            "d_grads": [p.grad for p in d_params],
+            "d_changed": any(changed(d_before, d_params)),
+            "e_grads": [None if p.grad is None else p.grad.clone() for p in e_params],
+            "u_grads": [p.grad for p in u_params],
+        })
+
+    trainer._step = spy
+    trainer.run()
+    generator_step, discriminator_step = seen
+    assert all(g is None for g in generator_step["d_grads"])
+    assert not generator_step["d_changed"]
+    assert all(g is not None and g.abs().sum() > 0 for g in generator_step["e_grads"])
+    assert all(g is not None for g in generator_step["u_grads"])
+    assert all(g is not None for g in discriminator_step["d_grads"])
+    assert discriminator_step["d_changed"]
+    # the discriminator step trains on detached fakes: E's gradients are still those of the generator step
+    for g_step, d_step in zip(generator_step["e_grads"], discriminator_step["e_grads"]):
+        torch.testing.assert_close(g_step, d_step)
+
+
+def test_output_names_every_loss_term() -> None:
+    trainer = make_trainer()
+    trainer.run()
+    out = trainer.state.output
+    expected = {"loss", "loss_rec_t", "loss_adv_t", "loss_gen_t", "loss_rec_s", "loss_adv_s", "loss_gen_s",
+                "loss_seg_s", "loss_seg_s2t", "loss_adv_p", "loss_adv_tp", "loss_adv_sec",
+                "loss_d_t", "loss_d_s", "loss_d_p", "loss_d_tp"}
+    assert set(out) == expected
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
+    eq12 = 1.0 * (out["loss_gen_t"] + out["loss_gen_s"]) + 1.0 * (out["loss_seg_s"] + out["loss_seg_s2t"]) \
+        + 0.1 * out["loss_adv_sec"]
+    torch.testing.assert_close(out["loss"], eq12)
+
+
+def test_source_only_trains_the_segmenter_alone() -> None:
+    trainer = make_trainer(terms=["seg_s"])
+    params = optimiser_params(trainer)
+    before = {n: snapshot(ps) for n, ps in params.items()}
+    trainer.run()
+    assert set(trainer.state.output) == {"loss", "loss_seg_s"}
+    torch.testing.assert_close(trainer.state.output["loss"], trainer.state.output["loss_seg_s"])
+    assert all(changed(before["seg"], params["seg"]))
+    for name in ("dec", "d_image", "d_pred"):
+        assert not any(changed(before[name], params[name])), name
+
+
+@pytest.mark.parametrize("variant", ["shared_decoders", "unshared_encoders", "unshared_discriminators"])
+def test_table_v_variants_train(variant: str) -> None:
+    trainer = make_trainer(**{variant: True})
+    params = optimiser_params(trainer)
+    before = {n: snapshot(ps) for n, ps in params.items()}
+    trainer.run()
+    for name, ps in params.items():
+        assert all(changed(before[name], ps)), f"{variant}: optimiser {name}"
+    if variant == "unshared_encoders":
+        assert trainer.translation_encoder is not trainer.segmenter.encoder
+    if variant == "unshared_discriminators":
+        assert "loss_d_tp" in trainer.state.output
+
+
+def test_bce_gan_mode_runs() -> None:
+    trainer = make_trainer(gan_mode="bce")
+    trainer.run()
+    assert torch.isfinite(trainer.state.output["loss"])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"terms": ["seg_s", "gen_x"]}, "terms must be"),
+    ({"terms": []}, "terms must be"),
+    ({"gan_mode": "wgan"}, "gan_mode"),
+])
+def test_bad_settings_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_trainer(**kwargs)
+
+
+def test_max_iterations_must_be_a_multiple_of_the_validation_interval() -> None:
+    with pytest.raises(ValueError, match="multiple of the validation interval"):
+        DSANTrainer(device="cpu", max_iterations=10, iterations_per_epoch=3, data_loader=[], segmenter=None,
+                    decoder_s=None, decoder_t=None, image_discriminator_s=None, image_discriminator_t=None,
+                    prediction_discriminators=[], segmentation_loss=None, optimizer_seg=None, optimizer_dec=None,
+                    optimizer_d_image=None, optimizer_d_pred=None)
