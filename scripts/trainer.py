@@ -104,13 +104,16 @@ class DSANForward:
     def logits_t(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net.segmenter.classify(self.features_t)
 
+    def _translated_input(self, image: torch.Tensor) -> torch.Tensor:
+        return image.detach() if self.net.detach_translations else image
+
     @cached_property
     def logits_s2t(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._levels(self.x_s2t)
+        return self._levels(self._translated_input(self.x_s2t))
 
     @cached_property
     def logits_t2s(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._levels(self.x_t2s)
+        return self._levels(self._translated_input(self.x_t2s))
 
     def maps(self, name: str) -> list[torch.Tensor]:
         """Softmax prediction maps at image size of ``logits_<name>``, for D_p_i (computed once)."""
@@ -122,6 +125,11 @@ class DSANForward:
 class DSANTrainer(Trainer):
     """DSAN training (Han et al., Eq. (1)-(12)) as an Ignite engine; see the module docstring for the
     code-to-paper symbol table.
+
+    ``detach_translations``: Eq. (8) L_seg^s->t(E, C_i) and Eq. (10) L_adv^tp(E, C_i, D_p_i) name only E and
+    C_i as their players, so by default x_s->t and x_t->s enter the segmentation sub-network detached: those
+    terms train E and C_i on the translated images, not U_s / U_t. Otherwise a decoder could paint the
+    labels into its translation and make Eq. (8) trivial (docs/design.md).
 
     Training length is ``max_iterations``, run as epochs of ``iterations_per_epoch`` iterations (the
     validation interval), so validation and checkpoint handlers fire at epoch ends. ``data_loader``
@@ -155,6 +163,7 @@ class DSANTrainer(Trainer):
         lambda_seg: float = 1.0,
         lambda_secadv: float = 0.1,
         gan_mode: str = "lsgan",
+        detach_translations: bool = True,
         amp: bool = False,
         channels_last: bool = False,
         non_blocking: bool = False,
@@ -199,6 +208,7 @@ class DSANTrainer(Trainer):
         self.lambdas = {"rec": lambda_rec, "adv": lambda_adv, "gen": lambda_gen, "seg": lambda_seg,
                         "secadv": lambda_secadv}
         self.gan_mode = gan_mode
+        self.detach_translations = detach_translations
         self.channels_last = channels_last
         self.grad_scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp)
         memory_format = torch.channels_last if channels_last else torch.preserve_format

@@ -1,0 +1,171 @@
+"""Speed of the bundle's DSAN trainer against a bare PyTorch loop doing the same computation on the same
+inputs (the overhead of the Ignite engine, handlers-free, and of the lazy forward bookkeeping).
+
+    python -m scripts benchmark                      # demo profile on CPU
+    python -m scripts benchmark --profile paper      # paper sizes (ResNet-50, 256x256, batch 8), for CUDA
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from monai.bundle import ConfigParser
+
+from scripts.data import UnpairedBatches
+from scripts.networks import set_requires_grad
+from scripts.trainer import DSANTrainer
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+PROFILES = {"demo": ["configs/train.yaml", "configs/demo.yaml"], "paper": ["configs/train.yaml"]}
+NETWORK_IDS = ["network", "decoder_s", "decoder_t", "image_discriminator_s", "image_discriminator_t",
+               "prediction_discriminators"]
+OPTIMIZER_IDS = ["optimizer_seg", "optimizer_dec", "optimizer_d_image", "optimizer_d_pred"]
+
+
+def build_components(profile: str, device: torch.device) -> dict:
+    """Networks, optimisers and settings of a profile, instantiated from the bundle's configs."""
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / f) for f in PROFILES[profile]])
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    parser["device"] = f"$torch.device('{device}')"
+    parts = {key: parser.get_parsed_content(key) for key in NETWORK_IDS + OPTIMIZER_IDS}
+    parts["segmentation_loss"] = parser.get_parsed_content("train#segmentation_loss")
+    for key in ("batch_size", "roi_size", "num_classes", "lambda_rec", "lambda_adv", "lambda_gen", "lambda_seg",
+                "lambda_secadv", "amp", "channels_last"):
+        parts[key] = parser.get_parsed_content(key)
+    return parts
+
+
+def synthetic_batch(parts: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    shape = (parts["batch_size"], 1, parts["roi_size"], parts["roi_size"])
+    return {
+        "source_image": (torch.rand(shape, generator=gen) * 2 - 1).to(device),
+        "source_label": torch.randint(0, parts["num_classes"], shape, generator=gen).float().to(device),
+        "target_image": (torch.rand(shape, generator=gen) * 2 - 1).to(device),
+    }
+
+
+def bundle_runner(parts: dict, batch: dict, device: torch.device, iterations: int) -> Callable[[], None]:
+    """One call = ``iterations`` iterations of the bundle's DSANTrainer (one more engine epoch)."""
+    trainer = DSANTrainer(
+        device=device, max_iterations=iterations, iterations_per_epoch=iterations,
+        data_loader=UnpairedBatches([batch], [batch]),
+        segmenter=parts["network"], decoder_s=parts["decoder_s"], decoder_t=parts["decoder_t"],
+        image_discriminator_s=parts["image_discriminator_s"], image_discriminator_t=parts["image_discriminator_t"],
+        prediction_discriminators=parts["prediction_discriminators"], segmentation_loss=parts["segmentation_loss"],
+        optimizer_seg=parts["optimizer_seg"], optimizer_dec=parts["optimizer_dec"],
+        optimizer_d_image=parts["optimizer_d_image"], optimizer_d_pred=parts["optimizer_d_pred"],
+        lambda_rec=parts["lambda_rec"], lambda_adv=parts["lambda_adv"], lambda_gen=parts["lambda_gen"],
+        lambda_seg=parts["lambda_seg"], lambda_secadv=parts["lambda_secadv"], amp=parts["amp"],
+        channels_last=parts["channels_last"],
+    )
+
+    def run_epoch() -> None:
+        trainer.run()
+        trainer.state.max_epochs += 1  # the next call runs one more epoch
+
+    return run_epoch
+
+
+def bare_runner(parts: dict, batch: dict, iterations: int) -> Callable[[], None]:
+    """One call = ``iterations`` of the same DSAN iteration written as a plain PyTorch loop (least-squares GAN)."""
+    seg, us, ut = parts["network"], parts["decoder_s"], parts["decoder_t"]
+    ds, dt, dps = parts["image_discriminator_s"], parts["image_discriminator_t"], parts["prediction_discriminators"]
+    discriminators = [ds, dt, *dps]
+    seg_loss = parts["segmentation_loss"]
+    g_opts = [parts["optimizer_seg"], parts["optimizer_dec"]]
+    d_opts = [parts["optimizer_d_image"], parts["optimizer_d_pred"]]
+    x_s, x_t = batch["source_image"], batch["target_image"]
+    y_s = batch["source_label"][:, 0].long()
+    size = x_s.shape[-2:]
+
+    def maps(levels: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        return [torch.softmax(F.interpolate(lg, size=size, mode="bilinear", align_corners=False), 1) for lg in levels]
+
+    def real(d_out: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(d_out, torch.ones_like(d_out))
+
+    def fake(d_out: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(d_out, torch.zeros_like(d_out))
+
+    def step() -> None:
+        for net in (seg, us, ut, *discriminators):
+            net.train()
+        set_requires_grad(discriminators, False)
+        f_s, f_t = seg.encoder(x_s), seg.encoder(x_t)
+        x_s2t, x_t2s = ut(f_s[1]), us(f_t[1])
+        rec_s, rec_t = us(f_s[1]), ut(f_t[1])
+        p_s, p_t = maps(seg.classify(f_s)), maps(seg.classify(f_t))
+        l_s2t, l_t2s = seg.classify(seg.encoder(x_s2t)), seg.classify(seg.encoder(x_t2s))
+        p_s2t, p_t2s = maps(l_s2t), maps(l_t2s)
+        gen_t = parts["lambda_rec"] * F.l1_loss(rec_t, x_t) + parts["lambda_adv"] * real(dt(x_s2t))
+        gen_s = parts["lambda_rec"] * F.l1_loss(rec_s, x_s) + parts["lambda_adv"] * real(ds(x_t2s))
+        seg_total = seg_loss(seg.classify(f_s), y_s) + seg_loss(l_s2t, y_s)
+        sec = sum(real(d(p)) for d, p in zip(dps, p_t)) + sum(real(d(p)) for d, p in zip(dps, p_t2s))
+        loss = parts["lambda_gen"] * (gen_t + gen_s) + parts["lambda_seg"] * seg_total + parts["lambda_secadv"] * sec
+        for opt in g_opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in g_opts:
+            opt.step()
+        set_requires_grad(discriminators, True)
+        d_loss = 0.5 * (real(dt(x_t)) + fake(dt(x_s2t.detach()))) + 0.5 * (real(ds(x_s)) + fake(ds(x_t2s.detach())))
+        for pos, neg in ((p_s, p_t), (p_s2t, p_t2s)):
+            d_loss = d_loss + sum(0.5 * (real(d(a.detach())) + fake(d(b.detach()))) for d, a, b in zip(dps, pos, neg))
+        for opt in d_opts:
+            opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        for opt in d_opts:
+            opt.step()
+
+    def run_all() -> None:
+        for _ in range(iterations):
+            step()
+
+    return run_all
+
+
+def seconds_per_iteration(runner: Callable[[], None], iterations: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    runner()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iterations
+
+
+def benchmark(
+    profile: str = "demo", iterations: int = 10, rounds: int = 5, device: str | None = None
+) -> dict[str, float]:
+    """Median seconds per iteration of the bundle trainer and of the bare loop, measured in alternating
+    rounds on identical copies of the networks and the same inputs, and their ratio."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    parts = build_components(profile, dev)
+    batch = synthetic_batch(parts, dev)
+    runners = {"bundle": bundle_runner(copy.deepcopy(parts), batch, dev, iterations),
+               "bare": bare_runner(copy.deepcopy(parts), batch, iterations)}
+    for runner in runners.values():  # warm-up round, not timed
+        runner()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for round_index in range(rounds):
+        order = list(runners) if round_index % 2 == 0 else list(reversed(runners))
+        for name in order:
+            times[name].append(seconds_per_iteration(runners[name], iterations, dev))
+    result = {f"{name}_s_per_it": statistics.median(t) for name, t in times.items()}
+    result["ratio"] = result["bundle_s_per_it"] / result["bare_s_per_it"]
+    print(f"profile {profile} on {dev} ({torch.get_num_threads()} threads), batch {parts['batch_size']}, "
+          f"{parts['roi_size']}x{parts['roi_size']}, {rounds} rounds x {iterations} iterations")
+    print(f"  bundle DSANTrainer : {result['bundle_s_per_it']:.4f} s/it")
+    print(f"  bare PyTorch loop  : {result['bare_s_per_it']:.4f} s/it")
+    print(f"  ratio bundle/bare  : {result['ratio']:.3f}  (target <= 1.05)")
+    return result
