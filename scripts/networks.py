@@ -153,6 +153,14 @@ class Segmenter(nn.Module):
         return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
 
 
+def with_pretrained_encoder(segmenter: Segmenter, encoder_weights: str | os.PathLike | None) -> Segmenter:
+    """``segmenter`` with E's layer1-layer4 loaded from a local torchvision ResNet-50 file, if one is given
+    (the paper's 80.73 % variant, Sec. V-1); unchanged when ``encoder_weights`` is None."""
+    if encoder_weights is not None:
+        load_torchvision_resnet50(segmenter.encoder, encoder_weights)
+    return segmenter
+
+
 def make_norm(kind: str, channels: int) -> nn.Module:
     """Normalisation layer of the translation decoders: 'instance', 'batch' or 'none'."""
     layers = {

@@ -116,3 +116,18 @@ def test_demo_run_writes_checkpoints_and_resumes(bundle_root, tiny_dataset, tmp_
     history = json.loads((out / "validation.json").read_text())
     assert [h["iteration"] for h in history] == [2, 4]
     assert all(0.0 <= h["mean_dice"] <= 1.0 for h in history)
+
+
+def test_table_v_wiring_and_pretrained_encoder_from_config(bundle_root, tiny_dataset, tmp_path) -> None:
+    weights = tmp_path / "resnet50.pth"
+    from scripts.networks import DeepLabResNet50Encoder
+
+    reference = DeepLabResNet50Encoder(width=1.0)
+    torch.save(reference.state_dict(), weights)
+    parser = parser_for(bundle_root, [], **data_overrides(tiny_dataset, tmp_path), num_workers=0,
+                        device="$torch.device('cpu')", encoder_weights=str(weights), decoder_s="@decoder_t")
+    trainer = parser.get_parsed_content("train#trainer")
+    torch.testing.assert_close(trainer.segmenter.encoder.layer3[5].conv2.weight, reference.layer3[5].conv2.weight)
+    assert trainer.decoder_s is trainer.decoder_t
+    dec_params = [p for g in trainer.generator_optimizers[1].param_groups for p in g["params"]]
+    assert len(dec_params) == len({id(p) for p in dec_params}) == len(list(trainer.decoder_t.parameters()))

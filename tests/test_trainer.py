@@ -171,3 +171,10 @@ def test_max_iterations_must_be_a_multiple_of_the_validation_interval() -> None:
                     decoder_s=None, decoder_t=None, image_discriminator_s=None, image_discriminator_t=None,
                     prediction_discriminators=[], segmentation_loss=None, optimizer_seg=None, optimizer_dec=None,
                     optimizer_d_image=None, optimizer_d_pred=None)
+
+
+def test_amp_and_channels_last_switches_run_on_cpu() -> None:
+    trainer = make_trainer(amp=True, channels_last=True)
+    trainer.run()
+    assert torch.isfinite(trainer.state.output["loss"])
+    assert trainer.segmenter.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
