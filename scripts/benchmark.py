@@ -42,21 +42,21 @@ def build_components(profile: str, device: torch.device) -> dict:
     return parts
 
 
-def synthetic_batch(parts: dict, device: torch.device) -> dict[str, torch.Tensor]:
+def synthetic_batches(parts: dict, device: torch.device) -> tuple[dict, dict]:
+    """One source batch (image, label) and one target batch (image), as the data loaders give them."""
     gen = torch.Generator().manual_seed(0)
     shape = (parts["batch_size"], 1, parts["roi_size"], parts["roi_size"])
-    return {
-        "source_image": (torch.rand(shape, generator=gen) * 2 - 1).to(device),
-        "source_label": torch.randint(0, parts["num_classes"], shape, generator=gen).float().to(device),
-        "target_image": (torch.rand(shape, generator=gen) * 2 - 1).to(device),
-    }
+    source = {"image": (torch.rand(shape, generator=gen) * 2 - 1).to(device),
+              "label": torch.randint(0, parts["num_classes"], shape, generator=gen).float().to(device)}
+    target = {"image": (torch.rand(shape, generator=gen) * 2 - 1).to(device)}
+    return source, target
 
 
-def bundle_runner(parts: dict, batch: dict, device: torch.device, iterations: int) -> Callable[[], None]:
+def bundle_runner(parts: dict, batches: tuple[dict, dict], device: torch.device, iterations: int) -> Callable[[], None]:
     """One call = ``iterations`` iterations of the bundle's DSANTrainer (one more engine epoch)."""
     trainer = DSANTrainer(
         device=device, max_iterations=iterations, iterations_per_epoch=iterations,
-        data_loader=UnpairedBatches([batch], [batch]),
+        data_loader=UnpairedBatches([batches[0]], [batches[1]]),
         segmenter=parts["network"], decoder_s=parts["decoder_s"], decoder_t=parts["decoder_t"],
         image_discriminator_s=parts["image_discriminator_s"], image_discriminator_t=parts["image_discriminator_t"],
         prediction_discriminators=parts["prediction_discriminators"], segmentation_loss=parts["segmentation_loss"],
@@ -74,7 +74,7 @@ def bundle_runner(parts: dict, batch: dict, device: torch.device, iterations: in
     return run_epoch
 
 
-def bare_runner(parts: dict, batch: dict, iterations: int) -> Callable[[], None]:
+def bare_runner(parts: dict, batches: tuple[dict, dict], iterations: int) -> Callable[[], None]:
     """One call = ``iterations`` of the same DSAN iteration written as a plain PyTorch loop (least-squares GAN)."""
     seg, us, ut = parts["network"], parts["decoder_s"], parts["decoder_t"]
     ds, dt, dps = parts["image_discriminator_s"], parts["image_discriminator_t"], parts["prediction_discriminators"]
@@ -82,8 +82,8 @@ def bare_runner(parts: dict, batch: dict, iterations: int) -> Callable[[], None]
     seg_loss = parts["segmentation_loss"]
     g_opts = [parts["optimizer_seg"], parts["optimizer_dec"]]
     d_opts = [parts["optimizer_d_image"], parts["optimizer_d_pred"]]
-    x_s, x_t = batch["source_image"], batch["target_image"]
-    y_s = batch["source_label"][:, 0].long()
+    x_s, x_t = batches[0]["image"], batches[1]["image"]
+    y_s = batches[0]["label"][:, 0].long()
     size = x_s.shape[-2:]
 
     def maps(levels: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
@@ -103,7 +103,8 @@ def bare_runner(parts: dict, batch: dict, iterations: int) -> Callable[[], None]
         x_s2t, x_t2s = ut(f_s[1]), us(f_t[1])
         rec_s, rec_t = us(f_s[1]), ut(f_t[1])
         p_s, p_t = maps(seg.classify(f_s)), maps(seg.classify(f_t))
-        l_s2t, l_t2s = seg.classify(seg.encoder(x_s2t)), seg.classify(seg.encoder(x_t2s))
+        # Eq. (8) / (10) see the translations detached, as the trainer's default detach_translations does
+        l_s2t, l_t2s = seg.classify(seg.encoder(x_s2t.detach())), seg.classify(seg.encoder(x_t2s.detach()))
         p_s2t, p_t2s = maps(l_s2t), maps(l_t2s)
         gen_t = parts["lambda_rec"] * F.l1_loss(rec_t, x_t) + parts["lambda_adv"] * real(dt(x_s2t))
         gen_s = parts["lambda_rec"] * F.l1_loss(rec_s, x_s) + parts["lambda_adv"] * real(ds(x_t2s))
@@ -151,9 +152,9 @@ def benchmark(
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     parts = build_components(profile, dev)
-    batch = synthetic_batch(parts, dev)
-    runners = {"bundle": bundle_runner(copy.deepcopy(parts), batch, dev, iterations),
-               "bare": bare_runner(copy.deepcopy(parts), batch, iterations)}
+    batches = synthetic_batches(parts, dev)
+    runners = {"bundle": bundle_runner(copy.deepcopy(parts), batches, dev, iterations),
+               "bare": bare_runner(copy.deepcopy(parts), batches, iterations)}
     for runner in runners.values():  # warm-up round, not timed
         runner()
     times: dict[str, list[float]] = {name: [] for name in runners}

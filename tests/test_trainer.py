@@ -178,3 +178,12 @@ def test_amp_and_channels_last_switches_run_on_cpu() -> None:
     trainer.run()
     assert torch.isfinite(trainer.state.output["loss"])
     assert trainer.segmenter.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_benchmark_runs_both_loops_and_reports_their_ratio(capsys) -> None:
+    from scripts.benchmark import benchmark
+
+    result = benchmark(profile="demo", iterations=1, rounds=1, device="cpu")
+    assert result["bundle_s_per_it"] > 0 and result["bare_s_per_it"] > 0
+    assert result["ratio"] == pytest.approx(result["bundle_s_per_it"] / result["bare_s_per_it"])
+    assert "ratio bundle/bare" in capsys.readouterr().out
