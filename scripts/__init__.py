@@ -3,6 +3,21 @@
 Importing the package imports every module, so configs need only `$import scripts`.
 """
 
-from scripts import checkpoints, data, demo, losses, networks, phantom, reporting, trainer
+from scripts import (
+    checkpoints,
+    data,
+    demo,
+    evaluation,
+    inference,
+    losses,
+    metrics,
+    networks,
+    phantom,
+    reporting,
+    trainer,
+)
 
-__all__ = ["checkpoints", "data", "demo", "losses", "networks", "phantom", "reporting", "trainer"]
+__all__ = [
+    "checkpoints", "data", "demo", "evaluation", "inference", "losses",
+    "metrics", "networks", "phantom", "reporting", "trainer",
+]

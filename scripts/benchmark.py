@@ -170,3 +170,114 @@ def benchmark(
     print(f"  bare PyTorch loop  : {result['bare_s_per_it']:.4f} s/it")
     print(f"  ratio bundle/bare  : {result['ratio']:.3f}  (target <= 1.05)")
     return result
+
+
+def synthetic_volume(path: Path, shape: tuple[int, int, int], seed: int = 0) -> Path:
+    """A NIfTI volume of random blocks on noise, for timing (content does not matter, size does)."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0, 50, shape).astype(np.float32)
+    for _ in range(8):
+        lo = [int(rng.integers(0, s // 2)) for s in shape]
+        image[lo[0]:lo[0] + shape[0] // 4, lo[1]:lo[1] + shape[1] // 4, lo[2]:lo[2] + shape[2] // 4] += 500
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image, np.diag([0.8, 0.8, 1.5, 1.0])), str(path))
+    return path
+
+
+def bundle_inference_seconds(workdir: Path, encoder_width: float, batch_size: int, device: torch.device) -> float:
+    """Seconds of `run` of configs/inference.yaml over the volumes in ``workdir/in`` (load, preprocess, every
+    slice through the network, invert, write), network construction and checkpoint writing excluded."""
+    from monai.bundle import ConfigWorkflow
+
+    from scripts.networks import Segmenter
+
+    ckpt = workdir / "model.pt"
+    torch.save(Segmenter(1, 5, encoder_width).state_dict(), ckpt)
+    workflow = ConfigWorkflow(config_file=str(BUNDLE_ROOT / "configs" / "inference.yaml"), workflow_type="infer",
+                              logging_file=False)
+    workflow.parser.update({"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(workdir / "in"),
+                            "output_dir": str(workdir / "out"), "ckpt_path": str(ckpt),
+                            "encoder_width": encoder_width, "batch_size": batch_size,
+                            "device": f"$torch.device('{device}')"})
+    workflow.initialize()
+    workflow.parser.get_parsed_content("evaluator")  # build networks and loaders before the clock starts
+    start = time.perf_counter()
+    workflow.run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bare_inference_seconds(volume: Path, encoder_width: float, batch_size: int, device: torch.device) -> float:
+    """Seconds of a bare batched forward of the same model over every slice of the preprocessed volume."""
+    import nibabel as nib
+
+    from scripts.networks import Segmenter
+
+    model = Segmenter(1, 5, encoder_width).to(device).eval()
+    image = torch.from_numpy(nib.load(str(volume)).get_fdata(dtype="float32"))
+    slices = image.permute(2, 0, 1).unsqueeze(1)  # (D, 1, H, W)
+    start = time.perf_counter()
+    with torch.no_grad():
+        labels = [model(slices[i:i + batch_size].to(device)).argmax(1).to("cpu", torch.uint8)
+                  for i in range(0, len(slices), batch_size)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    assert sum(len(lab) for lab in labels) == len(slices)
+    return time.perf_counter() - start
+
+
+def benchmark_inference(
+    shape: tuple[int, int, int] = (256, 256, 128), encoder_width: float = 1.0, batch_size: int = 8,
+    device: str | None = None,
+) -> dict[str, float]:
+    """Seconds per volume of the bundle's inference and of a bare batched forward over the same slices;
+    throughput ratio bare / bundle (target >= 0.9)."""
+    import tempfile
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        volume = synthetic_volume(workdir / "in" / "volume.nii.gz", tuple(shape))
+        bare_inference_seconds(volume, encoder_width, batch_size, dev)  # warm-up
+        bundle = bundle_inference_seconds(workdir, encoder_width, batch_size, dev)
+        bare = bare_inference_seconds(volume, encoder_width, batch_size, dev)
+    result = {"bundle_s_per_volume": bundle, "bare_s_per_volume": bare, "throughput_ratio": bare / bundle}
+    print(f"inference of one {tuple(shape)} volume on {dev} ({torch.get_num_threads()} threads), encoder width "
+          f"{encoder_width}, {batch_size} slices per forward")
+    print(f"  bundle (configs/inference.yaml, I/O included) : {bundle:.2f} s/volume")
+    print(f"  bare batched forward + argmax                 : {bare:.2f} s/volume")
+    print(f"  throughput bundle / bare                      : {result['throughput_ratio']:.3f}  (target >= 0.9)")
+    return result
+
+
+def peak_inference_memory(
+    shape: tuple[int, int, int] = (512, 512, 300), encoder_width: float = 1.0, batch_size: int = 8
+) -> float:
+    """Peak resident memory (GB) of a fresh process running configs/inference.yaml on one volume of
+    ``shape`` on the CPU (target < 4 GB for 512x512x300)."""
+    import resource
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        synthetic_volume(workdir / "in" / "volume.nii.gz", tuple(shape))
+        code = (f"import torch; from pathlib import Path; from scripts.benchmark import bundle_inference_seconds; "
+                f"print(bundle_inference_seconds(Path({str(workdir)!r}), {encoder_width}, {batch_size}, "
+                f"torch.device('cpu')))")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        done = subprocess.run([sys.executable, "-c", code], cwd=BUNDLE_ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-2000:])
+        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak_kb <= before:
+        raise RuntimeError("could not measure the child's peak memory (an earlier child peaked higher)")
+    gb = peak_kb / 1024**2
+    print(f"peak memory of inference on one {tuple(shape)} volume on cpu, encoder width {encoder_width}: {gb:.2f} GB "
+          f"(target < 4 GB); inference took {float(done.stdout.strip().splitlines()[-1]):.1f} s")
+    return gb

@@ -103,3 +103,82 @@ def read_history(path: str | os.PathLike) -> list[dict]:
     """The validation records ``ValidationReport`` wrote to ``path`` (empty if none yet)."""
     path = Path(path)
     return json.loads(path.read_text()) if path.is_file() else []
+
+
+class TranslationPreview:
+    """Every ``interval`` validations, renders x_s, x_s->t, x_t, x_t->s for a fixed set of training slices
+    (the first batch the trainer drew) into ``<output_dir>/translations/iter_<N>.png``, so the translation
+    sub-networks' progress can be seen; with ``writer`` (a TensorBoard SummaryWriter) also as an image."""
+
+    def __init__(self, output_dir: str | os.PathLike, interval: int = 1, num_samples: int = 4,
+                 writer: object | None = None) -> None:
+        self.output_dir = Path(output_dir) / "translations"
+        self.interval = interval
+        self.num_samples = num_samples
+        self.writer = writer
+        self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        # the first batch this run draws (after a resume too) becomes the fixed preview set
+        engine.add_event_handler(Events.ITERATION_COMPLETED(event_filter=lambda *_: self._fixed is None),
+                                 self._keep_batch)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def _keep_batch(self, engine: Engine) -> None:
+        batch = engine.state.batch
+        self._fixed = tuple(torch.as_tensor(batch[k][: self.num_samples]).detach().cpu().clone()
+                            for k in ("source_image", "target_image"))
+
+    def translate(self, engine: Engine) -> dict[str, torch.Tensor]:
+        """x_s, x_s->t, x_t, x_t->s of the kept slices, in eval mode and without gradients."""
+        x_s, x_t = (x.to(engine.state.device) for x in self._fixed)
+        modules = [engine.translation_encoder, engine.decoder_s, engine.decoder_t]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            x_s2t = engine.decoder_t(engine.translation_encoder(x_s)[1])
+            x_t2s = engine.decoder_s(engine.translation_encoder(x_t)[1])
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+        return {"x_s": x_s, "x_s->t": x_s2t, "x_t": x_t, "x_t->s": x_t2s}
+
+    def __call__(self, engine: Engine) -> None:
+        if self._fixed is None:
+            return
+        images = self.translate(engine)
+        path = self.output_dir / f"iter_{engine.state.iteration:06d}.png"
+        save_image_grid(images, path, title=f"iteration {engine.state.iteration}")
+        if self.writer is not None:
+            grid = torch.cat([torch.cat(list(img[:, 0].cpu()), dim=1) for img in images.values()], dim=0)
+            self.writer.add_image("translations", (grid.clamp(-1, 1) + 1) / 2, engine.state.iteration,
+                                  dataformats="HW")
+
+
+def save_image_grid(columns: dict[str, torch.Tensor], path: str | os.PathLike, title: str = "") -> Path:
+    """PNG with one column per named (B, 1, H, W) image batch in [-1, 1] and one row per sample."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = min(len(v) for v in columns.values())
+    fig, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 2.2 * rows), squeeze=False)
+    for col, (name, batch) in enumerate(columns.items()):
+        for row in range(rows):
+            ax = axes[row][col]
+            ax.imshow(batch[row, 0].detach().float().cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

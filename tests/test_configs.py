@@ -116,6 +116,8 @@ def test_demo_run_writes_checkpoints_and_resumes(bundle_root, tiny_dataset, tmp_
     history = json.loads((out / "validation.json").read_text())
     assert [h["iteration"] for h in history] == [2, 4]
     assert all(0.0 <= h["mean_dice"] <= 1.0 for h in history)
+    previews = sorted(p.name for p in (out / "translations").glob("*.png"))
+    assert previews == ["iter_000002.png", "iter_000004.png"]
 
 
 def test_table_v_wiring_and_pretrained_encoder_from_config(bundle_root, tiny_dataset, tmp_path) -> None:

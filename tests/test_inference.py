@@ -1,0 +1,105 @@
+"""configs/inference.yaml: every slice predicted, outputs on the input's grid whatever its affine and size."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, run
+from torch import nn
+
+from scripts.inference import list_volumes
+from scripts.networks import Segmenter
+
+
+class ThresholdSegmenter(nn.Module):
+    """A stand-in segmenter whose answer is known: class 1 wherever the normalised image is above 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([-10 * x, 10 * x], dim=1)
+
+
+def oblique_affine() -> np.ndarray:
+    """Rotated about two axes, anisotropic, with a flipped axis: nothing lines up with RAS or RSA."""
+    a, b = math.radians(30), math.radians(20)
+    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag([0.8, -1.1, 2.5])
+    affine[:3, 3] = [12.0, -30.0, 5.0]
+    return affine
+
+
+def write_volume(path, shape=(37, 45, 11)) -> np.ndarray:
+    """A volume with an asymmetric bright block, so any flip or transpose would show."""
+    image = np.zeros(shape, dtype=np.float32)
+    image[3:14, 20:41, 2:5] = 1000.0
+    image[25:30, 5:9, 7:10] = 1000.0
+    nib.save(nib.Nifti1Image(image, oblique_affine()), str(path))
+    return image
+
+
+def infer(bundle_root, dataset_dir, output_dir, ckpt_path, **overrides) -> None:
+    run(config_file=str(bundle_root / "configs" / "inference.yaml"), bundle_root=str(bundle_root),
+        dataset_dir=str(dataset_dir), output_dir=str(output_dir), ckpt_path=str(ckpt_path), logging_file=False,
+        device="$torch.device('cpu')", **overrides)
+
+
+@pytest.mark.parametrize("axcodes", ["RSA", "RAS"])
+def test_output_lines_up_voxel_for_voxel_with_an_oblique_input(bundle_root, tmp_path, axcodes) -> None:
+    (tmp_path / "in").mkdir()
+    image = write_volume(tmp_path / "in" / "case_01.nii.gz")
+    ckpt = tmp_path / "threshold.pt"
+    torch.save(ThresholdSegmenter().state_dict(), ckpt)
+    infer(bundle_root, tmp_path / "in", tmp_path / "out", ckpt, slice_axcodes=axcodes,
+          network_def={"_target_": "tests.test_inference.ThresholdSegmenter"})
+    out = nib.load(str(tmp_path / "out" / "case_01_seg.nii.gz"))
+    np.testing.assert_allclose(out.affine, oblique_affine(), atol=1e-5)
+    prediction = np.asarray(out.dataobj)
+    assert prediction.shape == image.shape
+    np.testing.assert_array_equal(prediction, (image > 0).astype(np.uint8))
+
+
+def test_real_segmenter_on_sides_not_multiple_of_8_with_probabilities(bundle_root, tmp_path) -> None:
+    (tmp_path / "in").mkdir()
+    write_volume(tmp_path / "in" / "a.nii.gz", shape=(33, 29, 7))
+    write_volume(tmp_path / "in" / "b.nii", shape=(40, 41, 5))
+    ckpt = tmp_path / "model.pt"
+    torch.save(Segmenter(1, 5, width=0.125).state_dict(), ckpt)
+    infer(bundle_root, tmp_path / "in", tmp_path / "out", ckpt, encoder_width=0.125, save_probabilities=True)
+    for name, shape in (("a", (33, 29, 7)), ("b", (40, 41, 5))):
+        seg = nib.load(str(tmp_path / "out" / f"{name}_seg.nii.gz"))
+        assert seg.shape == shape and seg.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(seg.dataobj))) <= set(range(5))
+        prob = nib.load(str(tmp_path / "out" / f"{name}_prob.nii.gz"))
+        probs = np.asarray(prob.dataobj)
+        assert probs.shape[:3] == shape and probs.shape[-1] == 5
+        np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
+
+
+def test_dataset_dir_may_be_one_file_or_a_folder(tmp_path) -> None:
+    (tmp_path / "v1.nii.gz").write_bytes(b"")
+    (tmp_path / "v2.mha").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not a volume")
+    assert [d["image"] for d in list_volumes(tmp_path)] == [str(tmp_path / "v1.nii.gz"), str(tmp_path / "v2.mha")]
+    assert list_volumes(tmp_path / "v1.nii.gz") == [{"image": str(tmp_path / "v1.nii.gz")}]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no volume files"):
+        list_volumes(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="neither a volume file"):
+        list_volumes(tmp_path / "missing")
+
+
+def test_inference_network_and_preprocessing_match_training(bundle_root) -> None:
+    infer_cfg = ConfigParser.load_config_file(str(bundle_root / "configs" / "inference.yaml"))
+    train_cfg = ConfigParser.load_config_file(str(bundle_root / "configs" / "train.yaml"))
+    assert infer_cfg["network_def"] == train_cfg["network_def"]
+    for key in ("num_classes", "encoder_width", "slice_axcodes"):
+        assert infer_cfg[key] == train_cfg[key], key
+    train_steps = [{k: v for k, v in step.items() if k not in ("keys", "allow_missing_keys")}
+                   for step in train_cfg["preprocessing"]]
+    infer_steps = [{k: v for k, v in step.items() if k != "keys"} for step in infer_cfg["preprocessing"]["transforms"]]
+    assert infer_steps == train_steps
