@@ -6,14 +6,22 @@ import os
 from pathlib import Path
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+NOT_IMAGES = ("_label", "_seg", "_prob", "_pred")  # label maps and outputs that share a folder with images
 
 
 def is_volume(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
+def is_image(path: Path) -> bool:
+    """A volume file whose name does not mark it as a label map or a prediction."""
+    stem = path.name[: -len(next(s for s in VOLUME_SUFFIXES if path.name.lower().endswith(s)))]
+    return is_volume(path) and not stem.lower().endswith(NOT_IMAGES)
+
+
 def list_volumes(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
-    """``[{"image": path}, ...]`` for a single volume file or every volume file in a folder (sorted).
+    """``[{"image": path}, ...]`` for a single volume file, or every image volume in a folder (sorted; files
+    named ``*_label``, ``*_seg``, ``*_prob`` or ``*_pred`` are skipped, so a folder of images and labels works).
 
     Raises FileNotFoundError with the path when there is nothing to segment.
     """
@@ -23,7 +31,7 @@ def list_volumes(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
     if not path.is_dir():
         raise FileNotFoundError(f"dataset_dir {str(path)!r} is neither a volume file ({', '.join(VOLUME_SUFFIXES)}) "
                                 "nor a folder")
-    volumes = sorted(p for p in path.iterdir() if is_volume(p))
+    volumes = sorted(p for p in path.iterdir() if is_volume(p) and is_image(p))
     if not volumes:
         raise FileNotFoundError(f"no volume files ({', '.join(VOLUME_SUFFIXES)}) in {str(path)!r}")
     return [{"image": str(p)} for p in volumes]

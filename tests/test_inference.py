@@ -84,6 +84,8 @@ def test_dataset_dir_may_be_one_file_or_a_folder(tmp_path) -> None:
     (tmp_path / "v1.nii.gz").write_bytes(b"")
     (tmp_path / "v2.mha").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("not a volume")
+    (tmp_path / "v1_label.nii.gz").write_bytes(b"")
+    (tmp_path / "v0_seg.nii.gz").write_bytes(b"")
     assert [d["image"] for d in list_volumes(tmp_path)] == [str(tmp_path / "v1.nii.gz"), str(tmp_path / "v2.mha")]
     assert list_volumes(tmp_path / "v1.nii.gz") == [{"image": str(tmp_path / "v1.nii.gz")}]
     (tmp_path / "empty").mkdir()
