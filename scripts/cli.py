@@ -7,6 +7,7 @@ from __future__ import annotations
 import fire
 
 from scripts.benchmark import benchmark
+from scripts.prepare import PrepareCommand
 
 
 def benchmark_command(profile: str = "demo", iterations: int = 10, rounds: int = 5, device: str | None = None) -> None:
@@ -15,4 +16,4 @@ def benchmark_command(profile: str = "demo", iterations: int = 10, rounds: int =
 
 
 def main() -> None:
-    fire.Fire({"benchmark": benchmark_command})
+    fire.Fire({"benchmark": benchmark_command, "prepare": PrepareCommand()})
