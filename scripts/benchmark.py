@@ -1,8 +1,9 @@
-"""Speed of the bundle's DSAN trainer against a bare PyTorch loop doing the same computation on the same
-inputs (the overhead of the Ignite engine, handlers-free, and of the lazy forward bookkeeping).
+"""Speed and memory benchmarks (printed, never asserted: machines are noisy).
 
-    python -m scripts benchmark                      # demo profile on CPU
-    python -m scripts benchmark --profile paper      # paper sizes (ResNet-50, 256x256, batch 8), for CUDA
+    python -m scripts benchmark training                  # DSAN trainer vs a bare PyTorch loop, demo profile
+    python -m scripts benchmark training --profile paper  # paper sizes (ResNet-50, 256x256, batch 8), for CUDA
+    python -m scripts benchmark inference                 # configs/inference.yaml vs a bare batched forward
+    python -m scripts benchmark memory                    # peak memory of inference on a 512x512x300 volume
 """
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ def bundle_inference_seconds(workdir: Path, encoder_width: float, batch_size: in
     workflow.parser.update({"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(workdir / "in"),
                             "output_dir": str(workdir / "out"), "ckpt_path": str(ckpt),
                             "encoder_width": encoder_width, "batch_size": batch_size,
-                            "device": f"$torch.device('{device}')"})
+                            # the synthetic volume is RAS: slice its third axis, as the bare loop does
+                            "slice_axcodes": "RAS", "device": f"$torch.device('{device}')"})
     workflow.initialize()
     workflow.parser.get_parsed_content("evaluator")  # build networks and loaders before the clock starts
     start = time.perf_counter()
@@ -211,15 +213,19 @@ def bundle_inference_seconds(workdir: Path, encoder_width: float, batch_size: in
     return time.perf_counter() - start
 
 
-def bare_inference_seconds(volume: Path, encoder_width: float, batch_size: int, device: torch.device) -> float:
-    """Seconds of a bare batched forward of the same model over every slice of the preprocessed volume."""
+def preprocessed_slices(volume: Path) -> torch.Tensor:
+    """The volume's slices as the bundle feeds them (z-score, percentiles to [-1, 1]), shaped (D, 1, H, W)."""
     import nibabel as nib
+    from monai.transforms import NormalizeIntensity, ScaleIntensityRangePercentiles
 
-    from scripts.networks import Segmenter
-
-    model = Segmenter(1, 5, encoder_width).to(device).eval()
     image = torch.from_numpy(nib.load(str(volume)).get_fdata(dtype="float32"))
-    slices = image.permute(2, 0, 1).unsqueeze(1)  # (D, 1, H, W)
+    image = ScaleIntensityRangePercentiles(0.5, 99.5, -1.0, 1.0, clip=True)(NormalizeIntensity()(image))
+    return torch.as_tensor(image).permute(2, 0, 1).unsqueeze(1).contiguous()
+
+
+def bare_inference_seconds(model: torch.nn.Module, slices: torch.Tensor, batch_size: int,
+                           device: torch.device) -> float:
+    """Seconds of a bare batched forward of ``model`` over every slice, with argmax to labels."""
     start = time.perf_counter()
     with torch.no_grad():
         labels = [model(slices[i:i + batch_size].to(device)).argmax(1).to("cpu", torch.uint8)
@@ -232,24 +238,32 @@ def bare_inference_seconds(volume: Path, encoder_width: float, batch_size: int, 
 
 def benchmark_inference(
     shape: tuple[int, int, int] = (256, 256, 128), encoder_width: float = 1.0, batch_size: int = 8,
-    device: str | None = None,
+    rounds: int = 2, device: str | None = None,
 ) -> dict[str, float]:
-    """Seconds per volume of the bundle's inference and of a bare batched forward over the same slices;
-    throughput ratio bare / bundle (target >= 0.9)."""
+    """Seconds per volume of the bundle's inference and of a bare batched forward over the same slices,
+    medians of alternating rounds after a warm-up; throughput ratio bare / bundle (target >= 0.9)."""
     import tempfile
 
+    from scripts.networks import Segmenter
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = Segmenter(1, 5, encoder_width).to(dev).eval()
+    times: dict[str, list[float]] = {"bundle": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        volume = synthetic_volume(workdir / "in" / "volume.nii.gz", tuple(shape))
-        bare_inference_seconds(volume, encoder_width, batch_size, dev)  # warm-up
-        bundle = bundle_inference_seconds(workdir, encoder_width, batch_size, dev)
-        bare = bare_inference_seconds(volume, encoder_width, batch_size, dev)
+        slices = preprocessed_slices(synthetic_volume(workdir / "in" / "volume.nii.gz", tuple(shape)))
+        bare_inference_seconds(model, slices, batch_size, dev)  # warm-up
+        for round_index in range(rounds):
+            runs = {"bundle": lambda: bundle_inference_seconds(workdir, encoder_width, batch_size, dev),
+                    "bare": lambda: bare_inference_seconds(model, slices, batch_size, dev)}
+            for name in (list(runs) if round_index % 2 == 0 else list(reversed(runs))):
+                times[name].append(runs[name]())
+    bundle, bare = statistics.median(times["bundle"]), statistics.median(times["bare"])
     result = {"bundle_s_per_volume": bundle, "bare_s_per_volume": bare, "throughput_ratio": bare / bundle}
     print(f"inference of one {tuple(shape)} volume on {dev} ({torch.get_num_threads()} threads), encoder width "
-          f"{encoder_width}, {batch_size} slices per forward")
-    print(f"  bundle (configs/inference.yaml, I/O included) : {bundle:.2f} s/volume")
-    print(f"  bare batched forward + argmax                 : {bare:.2f} s/volume")
+          f"{encoder_width}, {batch_size} slices per forward, median of {rounds} alternating rounds")
+    print(f"  bundle (configs/inference.yaml, I/O included) : {bundle:.2f} s/volume  {times['bundle']}")
+    print(f"  bare batched forward + argmax                 : {bare:.2f} s/volume  {times['bare']}")
     print(f"  throughput bundle / bare                      : {result['throughput_ratio']:.3f}  (target >= 0.9)")
     return result
 

@@ -6,14 +6,27 @@ from __future__ import annotations
 
 import fire
 
-from scripts.benchmark import benchmark
+from scripts import benchmark
 from scripts.prepare import PrepareCommand
 
 
-def benchmark_command(profile: str = "demo", iterations: int = 10, rounds: int = 5, device: str | None = None) -> None:
-    """Seconds per iteration of the bundle's trainer vs a bare PyTorch loop, and their ratio."""
-    benchmark(profile, iterations, rounds, device)
+class BenchmarkCommand:
+    """Speed and memory benchmarks: they print measurements side by side, they assert nothing."""
+
+    def training(self, profile: str = "demo", iterations: int = 10, rounds: int = 5, device: str | None = None) -> None:
+        """Seconds per iteration of the bundle's DSAN trainer vs a bare PyTorch loop, and their ratio."""
+        benchmark.benchmark(profile, iterations, rounds, device)
+
+    def inference(self, shape: tuple[int, int, int] = (256, 256, 128), encoder_width: float = 1.0,
+                  batch_size: int = 8, rounds: int = 2, device: str | None = None) -> None:
+        """Seconds per volume of configs/inference.yaml vs a bare batched forward, and the throughput ratio."""
+        benchmark.benchmark_inference(tuple(shape), encoder_width, batch_size, rounds, device)
+
+    def memory(self, shape: tuple[int, int, int] = (512, 512, 300), encoder_width: float = 1.0,
+               batch_size: int = 8) -> None:
+        """Peak resident memory of a fresh process running configs/inference.yaml on one volume on the CPU."""
+        benchmark.peak_inference_memory(tuple(shape), encoder_width, batch_size)
 
 
 def main() -> None:
-    fire.Fire({"benchmark": benchmark_command, "prepare": PrepareCommand()})
+    fire.Fire({"benchmark": BenchmarkCommand(), "prepare": PrepareCommand()})

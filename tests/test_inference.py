@@ -105,3 +105,12 @@ def test_inference_network_and_preprocessing_match_training(bundle_root) -> None
                    for step in train_cfg["preprocessing"]]
     infer_steps = [{k: v for k, v in step.items() if k != "keys"} for step in infer_cfg["preprocessing"]["transforms"]]
     assert infer_steps == train_steps
+
+
+def test_inference_benchmark_compares_bundle_and_bare_runs(capsys) -> None:
+    from scripts.benchmark import benchmark_inference
+
+    result = benchmark_inference(shape=(32, 32, 8), encoder_width=0.125, batch_size=4, rounds=1, device="cpu")
+    assert result["bundle_s_per_volume"] > 0 and result["bare_s_per_volume"] > 0
+    assert result["throughput_ratio"] == pytest.approx(result["bare_s_per_volume"] / result["bundle_s_per_volume"])
+    assert "throughput bundle / bare" in capsys.readouterr().out
