@@ -56,7 +56,7 @@ def synthetic_batches(parts: dict, device: torch.device) -> tuple[dict, dict]:
 def bundle_runner(parts: dict, batches: tuple[dict, dict], device: torch.device, iterations: int) -> Callable[[], None]:
     """One call = ``iterations`` iterations of the bundle's DSANTrainer (one more engine epoch)."""
     trainer = DSANTrainer(
-        device=device, max_iterations=iterations, iterations_per_epoch=iterations,
+        device=device, max_epochs=1, epoch_length=iterations,
         data_loader=UnpairedBatches([batches[0]], [batches[1]]),
         segmenter=parts["network"], decoder_s=parts["decoder_s"], decoder_t=parts["decoder_t"],
         image_discriminator_s=parts["image_discriminator_s"], image_discriminator_t=parts["image_discriminator_t"],

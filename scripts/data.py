@@ -6,6 +6,7 @@ holds what a config cannot express in a line.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -56,8 +57,8 @@ class UnpairedBatches:
     """An endless stream of unpaired training batches: each item holds a labelled source batch and an
     unlabelled target batch drawn independently, as DSAN's iteration needs.
 
-    Each loader is restarted (and so reshuffled) whenever it runs out; the two never advance in step,
-    so neither domain's data is repeated to match the other's length.
+    Each loader is restarted (and so reshuffled) whenever it runs out, independently of the other, so
+    neither domain's data is repeated to match the other's length.
     """
 
     def __init__(self, source_loader: Iterable[dict], target_loader: Iterable[dict]) -> None:
@@ -66,7 +67,10 @@ class UnpairedBatches:
 
     @staticmethod
     def _forever(loader: Iterable[dict]) -> Iterator[dict]:
-        while True:
+        for epoch in itertools.count():
+            sampler = getattr(loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):  # a DistributedSampler reshuffles only when told
+                sampler.set_epoch(epoch)
             empty = True
             for batch in loader:
                 empty = False

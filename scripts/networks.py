@@ -126,8 +126,8 @@ class ASPPClassifier(nn.Module):
             nn.init.normal_(conv.weight, 0.0, 0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.branches[0](x)
-        for branch in self.branches[1:]:
+        out = x.new_zeros(())  # broadcasts; a loop over the whole ModuleList keeps it TorchScript-able
+        for branch in self.branches:
             out = out + branch(x)
         return out
 

@@ -155,6 +155,23 @@ class TranslationPreview:
                                   dataformats="HW")
 
 
+class NullSummaryWriter:
+    """Accepts and drops what a TensorBoard SummaryWriter would write (ranks other than 0)."""
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args, **kwargs: None
+
+
+def rank_zero_summary_writer(log_dir: str | os.PathLike) -> object:
+    """A TensorBoard SummaryWriter on rank 0 (or without torchrun), a NullSummaryWriter elsewhere, so
+    data-parallel ranks never write event files of their own."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from scripts.distributed import rank
+
+    return SummaryWriter(log_dir=str(log_dir)) if rank() == 0 else NullSummaryWriter()
+
+
 def save_image_grid(columns: dict[str, torch.Tensor], path: str | os.PathLike, title: str = "") -> Path:
     """PNG with one column per named (B, 1, H, W) image batch in [-1, 1] and one row per sample."""
     import matplotlib

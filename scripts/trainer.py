@@ -29,6 +29,7 @@ from monai.engines import Trainer
 from torch import nn
 
 from scripts import losses
+from scripts.distributed import average_gradients, broadcast_from_rank_zero
 from scripts.networks import Segmenter, frozen
 
 TERMS = ("gen_t", "gen_s", "seg_s", "seg_s2t", "adv_sec")
@@ -122,6 +123,15 @@ class DSANForward:
         return self._maps[name]
 
 
+def epochs_for(max_iterations: int, val_interval: int) -> int:
+    """Number of engine epochs when one epoch is one validation interval; the budget must divide evenly."""
+    if max_iterations <= 0 or val_interval <= 0 or max_iterations % val_interval:
+        raise ValueError(
+            f"max_iterations ({max_iterations}) must be a positive multiple of val_interval ({val_interval})"
+        )
+    return max_iterations // val_interval
+
+
 class DSANTrainer(Trainer):
     """DSAN training (Han et al., Eq. (1)-(12)) as an Ignite engine; see the module docstring for the
     code-to-paper symbol table.
@@ -131,17 +141,19 @@ class DSANTrainer(Trainer):
     terms train E and C_i on the translated images, not U_s / U_t. Otherwise a decoder could paint the
     labels into its translation and make Eq. (8) trivial (docs/design.md).
 
-    Training length is ``max_iterations``, run as epochs of ``iterations_per_epoch`` iterations (the
-    validation interval), so validation and checkpoint handlers fire at epoch ends. ``data_loader``
-    yields unpaired batches forever (``scripts.data.UnpairedBatches``). The engine output is a flat dict
+    Training length is ``max_epochs`` epochs of ``epoch_length`` iterations (the configs make an epoch one
+    validation interval: ``epochs_for``). ``data_loader`` yields unpaired batches forever
+    (``scripts.data.UnpairedBatches``). Under torchrun every rank starts from rank 0's weights, takes rank
+    0's batch-norm statistics before each iteration, and steps on gradients averaged over the ranks
+    (``scripts.distributed``), as DistributedDataParallel would. The engine output is a flat dict
     with one key per loss term (``loss`` is Eq. (12); ``loss_d_*`` are the discriminators' losses).
     """
 
     def __init__(
         self,
         device: torch.device | str,
-        max_iterations: int,
-        iterations_per_epoch: int,
+        max_epochs: int,
+        epoch_length: int,
         data_loader: Iterable,
         segmenter: Segmenter,
         decoder_s: nn.Module,
@@ -170,11 +182,6 @@ class DSANTrainer(Trainer):
         prepare_batch: Callable = prepare_unpaired_batch,
         handlers: Sequence | None = None,
     ) -> None:
-        if max_iterations <= 0 or iterations_per_epoch <= 0 or max_iterations % iterations_per_epoch:
-            raise ValueError(
-                f"max_iterations ({max_iterations}) must be a positive multiple of the validation interval "
-                f"({iterations_per_epoch})"
-            )
         unknown = sorted(set(terms) - set(TERMS))
         if unknown or not terms:
             raise ValueError(f"terms must be a non-empty subset of {TERMS}, got unknown {unknown}")
@@ -182,9 +189,9 @@ class DSANTrainer(Trainer):
             raise ValueError(f"gan_mode must be one of {losses.GAN_MODES}, got {gan_mode!r}")
         super().__init__(
             device=device,
-            max_epochs=max_iterations // iterations_per_epoch,
+            max_epochs=max_epochs,
             data_loader=data_loader,
-            epoch_length=iterations_per_epoch,
+            epoch_length=epoch_length,
             non_blocking=non_blocking,
             prepare_batch=prepare_batch,
             handlers=handlers,
@@ -214,6 +221,7 @@ class DSANTrainer(Trainer):
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         for module in self.networks:
             module.to(device=device, memory_format=memory_format)
+        broadcast_from_rank_zero(self.networks)
 
     @property
     def discriminators(self) -> list[nn.Module]:
@@ -232,6 +240,7 @@ class DSANTrainer(Trainer):
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         self.grad_scaler.scale(loss).backward()
+        average_gradients(p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"])
         for optimizer in optimizers:
             self.grad_scaler.step(optimizer)
 
@@ -285,6 +294,7 @@ class DSANTrainer(Trainer):
             x_s, x_t = (x.contiguous(memory_format=torch.channels_last) for x in (x_s, x_t))
         for module in self.networks:
             module.train()
+        broadcast_from_rank_zero(self.networks, buffers_only=True)  # no-op unless under torchrun
         f = DSANForward(self, x_s, x_t)
         with frozen(self.discriminators):
             with self._autocast():

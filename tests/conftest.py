@@ -36,7 +36,7 @@ def bundle_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small phantom dataset (3 source, 3 target, 1 val, 1 test volumes of 40x40x12); its datalist path."""
+    """A small phantom dataset (3 source, 3 target, 2 val, 1 test volumes of 40x40x12); its datalist path."""
     root = tmp_path_factory.mktemp("phantom")
-    return generate_demo_dataset(root, num_source_train=3, num_target_train=3, num_target_val=1,
+    return generate_demo_dataset(root, num_source_train=3, num_target_train=3, num_target_val=2,
                                  num_target_test=1, shape=(40, 40, 12), seed=1)

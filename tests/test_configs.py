@@ -85,7 +85,7 @@ def test_missing_dataset_stops_at_once_with_instructions(bundle_root, tmp_path) 
 def demo_run(bundle_root, datalist, out, max_iterations: int) -> None:
     run("training", config_file=[str(bundle_root / "configs/train.yaml"), str(bundle_root / "configs/demo.yaml")],
         bundle_root=str(bundle_root), dataset_dir=str(datalist.parent), output_dir=str(out), logging_file=False,
-        max_iterations=max_iterations, val_interval=2, initialize=["$monai.utils.set_determinism(seed=@seed)"],
+        max_iterations=max_iterations, val_interval=2, prepare_dataset="$lambda: None",
         **{k: v for k, v in TINY.items() if k != "log_interval"}, log_interval=1)
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from scripts.data import UnpairedBatches
 from scripts.losses import SegmentationLoss
 from scripts.networks import PatchDiscriminator, Segmenter, TranslationDecoder, unique_parameters
-from scripts.trainer import DSANTrainer
+from scripts.trainer import DSANTrainer, epochs_for
 
 SIZE, BATCH, CLASSES = 32, 2, 3
 
@@ -37,7 +37,7 @@ def make_trainer(
     dp = [PatchDiscriminator(CLASSES, disc), PatchDiscriminator(CLASSES, disc)]
     dtp = [PatchDiscriminator(CLASSES, disc), PatchDiscriminator(CLASSES, disc)] if unshared_discriminators else dp
     return DSANTrainer(
-        device="cpu", max_iterations=1, iterations_per_epoch=1, data_loader=batches(),
+        device="cpu", max_epochs=1, epoch_length=1, data_loader=batches(),
         segmenter=segmenter, translation_encoder=translation_encoder, decoder_s=decoder_s, decoder_t=decoder_t,
         image_discriminator_s=d_s, image_discriminator_t=d_t, prediction_discriminators=dp,
         translated_prediction_discriminators=dtp, segmentation_loss=SegmentationLoss(CLASSES),
@@ -165,12 +165,11 @@ def test_bad_settings_are_refused(kwargs: dict, message: str) -> None:
         make_trainer(**kwargs)
 
 
-def test_max_iterations_must_be_a_multiple_of_the_validation_interval() -> None:
-    with pytest.raises(ValueError, match="multiple of the validation interval"):
-        DSANTrainer(device="cpu", max_iterations=10, iterations_per_epoch=3, data_loader=[], segmenter=None,
-                    decoder_s=None, decoder_t=None, image_discriminator_s=None, image_discriminator_t=None,
-                    prediction_discriminators=[], segmentation_loss=None, optimizer_seg=None, optimizer_dec=None,
-                    optimizer_d_image=None, optimizer_d_pred=None)
+def test_budget_must_be_a_multiple_of_the_validation_interval() -> None:
+    assert epochs_for(20000, 500) == 40
+    for bad in ((10, 3), (0, 5), (10, 0)):
+        with pytest.raises(ValueError, match="multiple of val_interval"):
+            epochs_for(*bad)
 
 
 def test_amp_and_channels_last_switches_run_on_cpu() -> None:
