@@ -8,6 +8,7 @@ import fire
 
 from scripts import benchmark
 from scripts.prepare import PrepareCommand
+from scripts.study import study
 
 
 class BenchmarkCommand:
@@ -29,4 +30,4 @@ class BenchmarkCommand:
 
 
 def main() -> None:
-    fire.Fire({"benchmark": BenchmarkCommand(), "prepare": PrepareCommand()})
+    fire.Fire({"benchmark": BenchmarkCommand(), "prepare": PrepareCommand(), "study": study})

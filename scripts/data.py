@@ -15,7 +15,7 @@ from typing import Any
 
 from monai.data import load_decathlon_datalist
 
-SPLITS = ("source_train", "target_train", "target_val", "target_test")
+SPLITS = ("source_train", "target_train", "target_val", "target_test", "source_test", "target_train_labels")
 
 HOW_TO_GET_DATA = """\
 Prepare real data as a datalist JSON (format: docs/data.md) and point the bundle at it:

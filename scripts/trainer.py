@@ -19,12 +19,14 @@ One iteration: (a) with every discriminator frozen, update E, C, U_s, U_t on Eq.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from functools import cached_property
 from typing import Any
 
 import torch
+from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from torch import nn
 
@@ -121,6 +123,27 @@ class DSANForward:
         if name not in self._maps:
             self._maps[name] = losses.prediction_maps(getattr(self, f"logits_{name}"), self.x_s.shape[-2:])
         return self._maps[name]
+
+
+class WallClockBudget:
+    """Ends training at the first validation after ``minutes`` of wall clock (None: no limit), so setups of
+    different cost can be compared at equal time. Training stops at an epoch end, after its validation."""
+
+    def __init__(self, minutes: float | None = None) -> None:
+        self.minutes = minutes
+        self._start = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        if self.minutes is not None:
+            engine.add_event_handler(Events.STARTED, self._started)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._check)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = time.perf_counter()
+
+    def _check(self, engine: Engine) -> None:
+        if time.perf_counter() - self._start >= 60.0 * self.minutes:
+            engine.terminate()
 
 
 def epochs_for(max_iterations: int, val_interval: int) -> int:

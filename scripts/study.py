@@ -1,0 +1,179 @@
+"""The paper's study as one command: several setups (override files on train.yaml) trained with one budget on
+one datalist, each evaluated on the target test volumes, summarised as the paper's tables and Fig. 5a.
+
+    python -m scripts study --profile demo --max_iterations 600 --output_dir runs/study
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from monai.bundle import run
+
+from scripts.reporting import format_duration, read_history
+
+logger = logging.getLogger("dsan")
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+PROFILES = {"demo": ["configs/demo.yaml"], "paper": []}
+# setup name -> (override file on train.yaml or None for the full method, label as in the paper's tables)
+SETUPS = {
+    "source_only": ("configs/source_only.yaml", "L_seg^s only (no adaptation)"),
+    "ablation_gen_t": ("configs/ablation_gen_t.yaml", "L_gen^t + L_seg^s->t"),
+    "ablation_gen_ts": ("configs/ablation_gen_ts.yaml", "+ L_gen^s"),
+    "ablation_gen_ts_seg": ("configs/ablation_gen_ts_seg.yaml", "+ L_seg^s"),
+    "full": (None, "+ L_adv^sec (full DSAN)"),
+    "variant_shared_decoders": ("configs/variant_shared_decoders.yaml", "shared decoders"),
+    "variant_unshared_encoders": ("configs/variant_unshared_encoders.yaml", "unshared encoders"),
+    "variant_unshared_discriminators": ("configs/variant_unshared_discriminators.yaml", "unshared discriminators"),
+    "supervised": ("configs/supervised.yaml", "supervised on target (upper bound)"),
+    "pretrained_encoder": ("configs/pretrained_encoder.yaml", "full DSAN, ResNet-50-initialised encoder"),
+}
+DEFAULT_SETUPS = [name for name in SETUPS if name != "pretrained_encoder"]  # needs a local weight file
+
+
+def config_files(profile: str, setup: str) -> list[str]:
+    override = SETUPS[setup][0]
+    return [str(BUNDLE_ROOT / f) for f in ["configs/train.yaml", *PROFILES[profile], *([override] if override else [])]]
+
+
+def train_setup(setup: str, profile: str, out: Path, budget: dict) -> float:
+    """Train one setup into ``out`` (resuming if it holds checkpoints); return the wall time in seconds."""
+    start = time.perf_counter()
+    run("training", config_file=config_files(profile, setup), bundle_root=str(BUNDLE_ROOT), output_dir=str(out),
+        ckpt_dir=str(out), logging_file=str(BUNDLE_ROOT / "configs" / "logging.conf"), **budget)
+    return time.perf_counter() - start
+
+
+def link_split(entries: list[dict], key: str, dataset_dir: Path, folder: Path) -> Path:
+    """A folder of links to one key ('image' or 'label') of a datalist split, the layout inference and
+    evaluation read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        link = folder / Path(entry[key]).name
+        if not link.exists():
+            link.symlink_to((dataset_dir / entry[key]).resolve())
+    return folder
+
+
+def evaluate_setup(profile: str, setup: str, out: Path, datalist: Path, dataset_dir: Path, overrides: dict) -> dict:
+    """Segment the target test volumes with the setup's best model (selected on target_val) and score them."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_files(profile, setup))
+    parser.update(overrides)
+    network = {k: parser.get(k) for k in ("encoder_width", "num_classes", "slice_axcodes")}
+    test = json.loads(datalist.read_text())["target_test"]
+    images = link_split(test, "image", dataset_dir, out / "test_images")
+    labels = link_split(test, "label", dataset_dir, out / "test_labels")
+    run(config_file=str(BUNDLE_ROOT / "configs" / "inference.yaml"), bundle_root=str(BUNDLE_ROOT),
+        dataset_dir=str(images), output_dir=str(out / "test_predictions"), ckpt_path=str(out / "model.pt"),
+        logging_file=False, **network)
+    run(config_file=str(BUNDLE_ROOT / "configs" / "evaluate.yaml"), bundle_root=str(BUNDLE_ROOT),
+        pred_dir=str(out / "test_predictions"), label_dir=str(labels), output_dir=str(out / "test_evaluation"),
+        num_classes=network["num_classes"], class_names=parser.get("class_names"), logging_file=False)
+    return json.loads((out / "test_evaluation" / "summary.json").read_text())
+
+
+def cell(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def study_table(results: dict[str, dict], class_names: Sequence[str]) -> str:
+    """Markdown table in the paper's format: per-class Dice (%) and ASD (voxel), and their averages."""
+    head = ["setup", *[f"Dice {c}" for c in class_names], "Dice avg", *[f"ASD {c}" for c in class_names],
+            "ASD avg", "iterations", "wall time"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, r in results.items():
+        dice = [r["dice"].get(c) for c in class_names] + [r["dice"].get("average")]
+        asd = [r["asd_voxel"].get(c) for c in class_names] + [r["asd_voxel"].get("average")]
+        lines.append("| " + " | ".join([SETUPS[name][1], *map(cell, dice), *map(cell, asd), str(r["iterations"]),
+                                         format_duration(r["wall_s"])]) + " |")
+    return "\n".join(lines)
+
+
+def mean_metric(summary: dict, metric: str, key: str) -> float | None:
+    """Mean over volumes of one metric for one class (or 'average') from evaluate's summary.json."""
+    try:
+        return summary["metrics"][metric][key]["mean"]
+    except (KeyError, TypeError):
+        return None
+
+
+def plot_validation_curves(histories: dict[str, list[dict]], path: Path, title: str) -> Path:
+    """Target validation Dice against iterations for every run (the paper's Fig. 5a)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, history in histories.items():
+        points = [(h["iteration"], 100 * h["mean_dice"]) for h in history if h["mean_dice"] is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=SETUPS[name][1])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("target validation Dice (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def study(
+    setups: Sequence[str] = tuple(DEFAULT_SETUPS), profile: str = "demo", max_iterations: int = 600,
+    val_interval: int = 100, max_minutes: float | None = None, output_dir: str | os.PathLike = "runs/study",
+    dataset_dir: str | None = None, datalist: str | None = None, **overrides: object,
+) -> str:
+    """Train every setup with the same budget (iterations, and optionally minutes of wall clock), evaluate each
+    on the target test volumes, and write ``table.md``, ``results.json`` and ``validation_dice.png`` into
+    ``output_dir``. Further ``--id value`` pairs override config ids of every setup (e.g. ``--seed 1``)."""
+    unknown = sorted(set(setups) - set(SETUPS))
+    if unknown:
+        raise SystemExit(f"ERROR: unknown setups {unknown}; choose from {sorted(SETUPS)}")
+    if profile not in PROFILES:
+        raise SystemExit(f"ERROR: profile must be one of {sorted(PROFILES)}")
+    out_root = Path(output_dir).resolve()
+    budget = {"max_iterations": max_iterations, "val_interval": val_interval, "max_minutes": max_minutes}
+    data = {k: v for k, v in (("dataset_dir", dataset_dir), ("datalist", datalist)) if v is not None}
+    budget.update(data)
+    budget.update(overrides)
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_files(profile, "full"))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), **data})
+    data_root = Path(parser.get_parsed_content("dataset_dir"))
+    datalist_path = Path(parser.get_parsed_content("datalist"))
+    class_names = parser.get_parsed_content("class_names")
+    results, histories = {}, {}
+    for index, name in enumerate(setups, 1):
+        out = out_root / name
+        logger.info("study: setup %d/%d %s -> %s", index, len(setups), name, out)
+        wall = train_setup(name, profile, out, budget)
+        summary = evaluate_setup(profile, name, out, datalist_path, data_root, {**data, **overrides})
+        histories[name] = read_history(out / "validation.json")
+        results[name] = {
+            "dice": {c: mean_metric(summary, "dice", c) for c in [*class_names, "average"]},
+            "asd_voxel": {c: mean_metric(summary, "asd_voxel", c) for c in [*class_names, "average"]},
+            "iterations": histories[name][-1]["iteration"] if histories[name] else 0,
+            "wall_s": wall,
+        }
+    table = study_table(results, class_names)
+    (out_root / "table.md").write_text(table + "\n")
+    (out_root / "results.json").write_text(json.dumps(results, indent=1))
+    plot_validation_curves(histories, out_root / "validation_dice.png",
+                           f"target validation Dice, profile {profile}, {max_iterations} iterations")
+    print("\nTarget test Dice (%) and ASD (voxel), best model on target_val of each setup:\n" + table, flush=True)
+    return table
