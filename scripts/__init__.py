@@ -15,9 +15,10 @@ from scripts import (
     phantom,
     reporting,
     trainer,
+    validation,
 )
 
 __all__ = [
     "checkpoints", "data", "demo", "evaluation", "inference", "losses",
-    "metrics", "networks", "phantom", "reporting", "trainer",
+    "metrics", "networks", "phantom", "reporting", "trainer", "validation",
 ]

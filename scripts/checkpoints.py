@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine
-from monai.handlers import CheckpointLoader
+from ignite.handlers import Checkpoint
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from torch import nn
 
 logger = logging.getLogger("dsan")
 
@@ -68,4 +70,82 @@ class ResumeFromLatest:
             logger.info("no checkpoint in %s: training from scratch", self.directory)
             return
         logger.info("resuming from %s", path)
-        CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location).attach(engine)
+        CheckedCheckpointLoader(load_path=str(path), load_dict=self.load_dict,
+                                map_location=self.map_location).attach(engine)
+
+
+class ValidationState:
+    """The validation side of a resumable run: the evaluator's best metric and the best-model saver's record
+    of what it kept, so a resumed run replaces models/model.pt only with a better model."""
+
+    def __init__(self, evaluator: Engine, best_model_saver: CheckpointSaver) -> None:
+        self.evaluator = evaluator
+        self.best_model_saver = best_model_saver
+
+    def _tracker(self) -> Checkpoint | None:
+        return self.best_model_saver._key_metric_checkpoint  # MONAI keeps ignite's Checkpoint here
+
+    def state_dict(self) -> dict[str, Any]:
+        tracker = self._tracker()
+        return {
+            "best_metric": float(self.evaluator.state.best_metric),
+            "best_metric_epoch": int(self.evaluator.state.best_metric_epoch),
+            "saved": [] if tracker is None else [[float(p), str(f)] for p, f in tracker.state_dict()["_saved"]],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+        tracker = self._tracker()
+        if tracker is not None:
+            tracker.load_state_dict({"_saved": [tuple(item) for item in state["saved"]]})
+
+
+class CheckpointMismatchError(SystemExit):
+    """A checkpoint that does not fit the network built from the config: one message, no traceback."""
+
+
+def check_state_dict_fits(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointMismatchError listing the keys that are missing, unexpected or of another shape."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    reshaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(own[k].shape)}"
+                      for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or reshaped:
+        def listing(title: str, items: list[str]) -> str:
+            return f"\n  {title} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else "")
+
+        raise CheckpointMismatchError(
+            f"ERROR: {source} does not fit the {type(module).__name__} built from the config (another architecture "
+            "or width? encoder_width, num_classes and decoder/discriminator sizes must match the training run)."
+            + (listing("missing keys", missing) if missing else "")
+            + (listing("unexpected keys", unexpected) if unexpected else "")
+            + (listing("shape mismatches", reshaped) if reshaped else "")
+        )
+
+
+class CheckedCheckpointLoader(CheckpointLoader):
+    """MONAI's CheckpointLoader (torch.load with weights_only=True) that first checks every network's keys
+    and shapes, so a checkpoint of another architecture or width stops with a list of the mismatches."""
+
+    def __call__(self, engine: Engine) -> None:
+        checkpoint = torch.load(self.load_path, map_location=self.map_location, weights_only=True)
+        single = len(self.load_dict) == 1 and next(iter(self.load_dict)) not in checkpoint
+        for name, obj in self.load_dict.items():
+            if isinstance(obj, nn.Module):
+                check_state_dict_fits(obj, checkpoint if single else checkpoint.get(name, {}),
+                                      f"{self.load_path}" + ("" if single else f" [{name}]"))
+        super().__call__(engine)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's CheckpointSaver writing each file to a temporary name and renaming it into place (ignite's
+    atomic DiskSaver, which also keeps group/other read permission), so a kill, a full disk or an I/O error
+    mid-write never leaves a truncated checkpoint behind, and the previous one stays intact."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler._atomic = True  # MONAI turns it off; ignite's temp-file-and-rename is wanted

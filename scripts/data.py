@@ -7,13 +7,17 @@ holds what a config cannot express in a line.
 from __future__ import annotations
 
 import itertools
-import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from monai.data import load_decathlon_datalist
+import torch
+from ignite.engine import Engine, Events
+from monai.data import Dataset, load_decathlon_datalist
+from monai.data.utils import set_rnd
+
+from scripts import validation
 
 SPLITS = ("source_train", "target_train", "target_val", "target_test", "source_test", "target_train_labels")
 
@@ -33,17 +37,19 @@ class DatasetNotFoundError(SystemExit):
         super().__init__(f"ERROR: {problem}\n\n{HOW_TO_GET_DATA}")
 
 
-def check_dataset(dataset_dir: str | os.PathLike, datalist: str | os.PathLike) -> None:
-    """Stop at once, with instructions, when the dataset folder or its datalist is missing."""
+def check_dataset(dataset_dir: str | os.PathLike, datalist: str | os.PathLike, num_classes: int | None = None) -> None:
+    """Stop at once, with instructions, when the dataset folder or its datalist is missing; then check every
+    listed volume (scripts/validation.py: missing files, unreadable, empty, NaN, 4D, shape mismatch, label values
+    outside 0..num_classes-1 when ``num_classes`` is given), each fault one ``ERROR:`` message."""
     if not Path(dataset_dir).is_dir():
         raise DatasetNotFoundError(f"dataset_dir {str(dataset_dir)!r} does not exist.")
     if not Path(datalist).is_file():
         raise DatasetNotFoundError(f"datalist {str(datalist)!r} does not exist.")
-    with open(datalist) as f:
-        entries = json.load(f)
+    entries = validation.read_datalist(datalist)
     missing = [split for split in ("source_train", "target_train", "target_val") if not entries.get(split)]
     if missing:
         raise DatasetNotFoundError(f"datalist {str(datalist)!r} has no entries for {missing}.")
+    validation.validate_datalist(dataset_dir, datalist, num_classes)
 
 
 def read_split(datalist: str | os.PathLike, dataset_dir: str | os.PathLike, split: str) -> list[dict]:
@@ -81,3 +87,21 @@ class UnpairedBatches:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for source, target in zip(self._forever(self.source_loader), self._forever(self.target_loader)):
             yield {"source_image": source["image"], "source_label": source["label"], "target_image": target["image"]}
+
+
+class EpochSeededAugmentation:
+    """At each epoch start, reseeds the random transforms of the training datasets from torch's generator.
+
+    Torch's generator state is part of every checkpoint (scripts.checkpoints.RNGState), so a run resumed at an
+    epoch boundary draws exactly the crops and rotations that the uninterrupted run drew.
+    """
+
+    def __init__(self, datasets: Sequence[Dataset]) -> None:
+        self.datasets = list(datasets)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for dataset in self.datasets:
+            set_rnd(dataset, seed=int(torch.randint(0, 2**31 - 1, ()).item()))

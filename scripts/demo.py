@@ -58,6 +58,6 @@ def compare_with_source_only(bundle_root: str | os.PathLike, dsan_output_dir: st
         logger.info("demo: training %s into %s", name, out)
         wall_times[name] = train_demo_run(bundle_root, out, extra[name])
     table = comparison_table({n: read_history(d / "validation.json") for n, d in runs.items()}, wall_times)
-    (dsan_dir.parent / "comparison.md").write_text(table + "\n")
+    (dsan_dir.parent / "comparison.md").write_text(table + "\n", encoding="utf-8")
     print("\nTarget-domain validation Dice (%), last validation of each run:\n" + table, flush=True)
     return table

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from scripts import validation
+
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 NOT_IMAGES = ("_label", "_seg", "_prob", "_pred")  # label maps and outputs that share a folder with images
 
@@ -19,19 +21,25 @@ def is_image(path: Path) -> bool:
     return is_volume(path) and not stem.lower().endswith(NOT_IMAGES)
 
 
-def list_volumes(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
+def list_volumes(dataset_dir: str | os.PathLike, validate: bool = False) -> list[dict[str, str]]:
     """``[{"image": path}, ...]`` for a single volume file, or every image volume in a folder (sorted; files
     named ``*_label``, ``*_seg``, ``*_prob`` or ``*_pred`` are skipped, so a folder of images and labels works).
 
-    Raises FileNotFoundError with the path when there is nothing to segment.
+    Raises FileNotFoundError with the path when there is nothing to segment. With ``validate`` (what
+    configs/inference.yaml asks) that is a scripts.validation.InputError instead, and every volume is read and
+    checked first (readable, not empty, finite, 3D single-channel).
     """
+    error = validation.InputError if validate else FileNotFoundError
     path = Path(dataset_dir)
     if is_volume(path):
-        return [{"image": str(path)}]
-    if not path.is_dir():
-        raise FileNotFoundError(f"dataset_dir {str(path)!r} is neither a volume file ({', '.join(VOLUME_SUFFIXES)}) "
-                                "nor a folder")
-    volumes = sorted(p for p in path.iterdir() if is_volume(p) and is_image(p))
+        volumes = [path]
+    elif not path.is_dir():
+        raise error(f"dataset_dir {str(path)!r} is neither a volume file ({', '.join(VOLUME_SUFFIXES)}) "
+                    "nor a folder")
+    else:
+        volumes = sorted(p for p in path.iterdir() if is_volume(p) and is_image(p))
     if not volumes:
-        raise FileNotFoundError(f"no volume files ({', '.join(VOLUME_SUFFIXES)}) in {str(path)!r}")
+        raise error(f"no volume files ({', '.join(VOLUME_SUFFIXES)}) in {str(path)!r}")
+    if validate:
+        validation.check_volumes(volumes)
     return [{"image": str(p)} for p in volumes]

@@ -379,7 +379,7 @@ def _datalist_files(datalist: dict) -> list[str]:
 def _reusable(output_dir: pathlib.Path, metadata: dict) -> bool:
     path = output_dir / DATALIST_NAME
     try:
-        datalist = json.loads(path.read_text())
+        datalist = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     if not isinstance(datalist, dict) or datalist.get("metadata") != metadata:
@@ -393,7 +393,7 @@ def _owned_by_us(output_dir: pathlib.Path) -> bool:
         return False
     names = {p.name for p in output_dir.iterdir()}
     try:
-        meta = json.loads((output_dir / DATALIST_NAME).read_text()).get("metadata", {})
+        meta = json.loads((output_dir / DATALIST_NAME).read_text(encoding="utf-8")).get("metadata", {})
         if meta.get("generator") == __name__:
             return True
     except (OSError, ValueError, AttributeError):
@@ -509,7 +509,7 @@ def generate_demo_dataset(
         datalist["target_train"] = [{"image": e["image"]} for e in datalist["target_train_labels"]]
         datalist["metadata"] = metadata
         # The datalist is written last: its presence is what marks a dataset complete.
-        (tmp / DATALIST_NAME).write_text(json.dumps(datalist, indent=2) + "\n")
+        (tmp / DATALIST_NAME).write_text(json.dumps(datalist, indent=2) + "\n", encoding="utf-8")
         try:
             _move_into_place(tmp, output_dir)
         except OSError:
@@ -554,7 +554,7 @@ def save_preview(
     datalist_path = pathlib.Path(datalist_path)
     png_path = pathlib.Path(png_path)
     root = datalist_path.parent
-    datalist = json.loads(datalist_path.read_text())
+    datalist = json.loads(datalist_path.read_text(encoding="utf-8"))
     cases = [
         ("source (MR-like)", _first_labelled(datalist, ["source_train"])),
         ("target (CT-like)", _first_labelled(datalist, ["target_train_labels", "target_val", "target_test"])),

@@ -13,8 +13,10 @@ names the file and the fault; on the command line that is one ``ERROR: ...`` lin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import locale
 import logging
 import os
 import pathlib
@@ -24,7 +26,7 @@ import sys
 import tempfile
 import uuid
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,7 +157,23 @@ def _read_itk_file(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     return sitk_to_ras(image, path)
 
 
+@contextlib.contextmanager
+def _locale_kept() -> Iterator[None]:
+    """GDCM switches the process locale to "C" while scanning DICOM; put it back, or every later text file
+    opened with the default encoding would be read as ASCII."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def _read_dicom_series(folder: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    with _locale_kept():
+        return _scan_dicom_series(folder)
+
+
+def _scan_dicom_series(folder: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     reader = sitk.ImageSeriesReader()
     try:
         series = reader.GetGDCMSeriesIDs(str(folder))
@@ -399,7 +417,7 @@ def _check_seed(seed: Any) -> int:
 
 def _load_split_file(path: pathlib.Path) -> dict[str, dict[str, list[str]]]:
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise PrepareError(f"{path}: cannot read the split file ({_describe(exc)})") from exc
     except ValueError as exc:
@@ -577,7 +595,7 @@ def _write_dataset(output_dir: pathlib.Path, items: Sequence[_Item], process: _P
         metadata["counts"] = {k: len(v) for k, v in datalist.items()}
         datalist["metadata"] = metadata
         # The datalist is written last: its presence is what marks a dataset complete.
-        (tmp / DATALIST_NAME).write_text(json.dumps(datalist, indent=2) + "\n")
+        (tmp / DATALIST_NAME).write_text(json.dumps(datalist, indent=2) + "\n", encoding="utf-8")
         _move_into_place(tmp, output_dir)
     except OSError as exc:
         raise PrepareError(f"{output_dir}: cannot write the dataset ({_describe(exc)})") from exc

@@ -95,14 +95,14 @@ class ValidationReport:
         })
         self.history_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.history_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sorted(history, key=lambda h: h["iteration"]), indent=1))
+        tmp.write_text(json.dumps(sorted(history, key=lambda h: h["iteration"]), indent=1), encoding="utf-8")
         tmp.replace(self.history_file)
 
 
 def read_history(path: str | os.PathLike) -> list[dict]:
     """The validation records ``ValidationReport`` wrote to ``path`` (empty if none yet)."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else []
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
 
 
 class TranslationPreview:

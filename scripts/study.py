@@ -70,7 +70,7 @@ def evaluate_setup(profile: str, setup: str, out: Path, datalist: Path, dataset_
     parser.read_config(config_files(profile, setup))
     parser.update(overrides)
     network = {k: parser.get(k) for k in ("encoder_width", "num_classes", "slice_axcodes")}
-    test = json.loads(datalist.read_text())["target_test"]
+    test = json.loads(datalist.read_text(encoding="utf-8"))["target_test"]
     images = link_split(test, "image", dataset_dir, out / "test_images")
     labels = link_split(test, "label", dataset_dir, out / "test_labels")
     run(config_file=str(BUNDLE_ROOT / "configs" / "inference.yaml"), bundle_root=str(BUNDLE_ROOT),
@@ -79,7 +79,7 @@ def evaluate_setup(profile: str, setup: str, out: Path, datalist: Path, dataset_
     run(config_file=str(BUNDLE_ROOT / "configs" / "evaluate.yaml"), bundle_root=str(BUNDLE_ROOT),
         pred_dir=str(out / "test_predictions"), label_dir=str(labels), output_dir=str(out / "test_evaluation"),
         num_classes=network["num_classes"], class_names=parser.get("class_names"), logging_file=False)
-    return json.loads((out / "test_evaluation" / "summary.json").read_text())
+    return json.loads((out / "test_evaluation" / "summary.json").read_text(encoding="utf-8"))
 
 
 def cell(value: float | None, digits: int = 2) -> str:
@@ -171,8 +171,8 @@ def study(
             "wall_s": wall,
         }
     table = study_table(results, class_names)
-    (out_root / "table.md").write_text(table + "\n")
-    (out_root / "results.json").write_text(json.dumps(results, indent=1))
+    (out_root / "table.md").write_text(table + "\n", encoding="utf-8")
+    (out_root / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     plot_validation_curves(histories, out_root / "validation_dice.png",
                            f"target validation Dice, profile {profile}, {max_iterations} iterations")
     print("\nTarget test Dice (%) and ASD (voxel), best model on target_val of each setup:\n" + table, flush=True)

@@ -19,6 +19,7 @@ One iteration: (a) with every discriminator frozen, update E, C, U_s, U_t on Eq.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
@@ -34,8 +35,17 @@ from scripts import losses
 from scripts.distributed import average_gradients, broadcast_from_rank_zero
 from scripts.networks import Segmenter, frozen
 
+logger = logging.getLogger("dsan")
+
 TERMS = ("gen_t", "gen_s", "seg_s", "seg_s2t", "adv_sec")
 """The five terms of Eq. (12): L_gen^t, L_gen^s, L_seg^s, L_seg^s->t, L_adv^sec."""
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class NonFiniteLossError(SystemExit):
+    """A NaN or infinite loss term under ``nonfinite: stop``: one message, no traceback, exit status 1."""
 
 
 def prepare_unpaired_batch(
@@ -199,6 +209,7 @@ class DSANTrainer(Trainer):
         lambda_secadv: float = 0.1,
         gan_mode: str = "lsgan",
         detach_translations: bool = True,
+        nonfinite: str = "stop",
         amp: bool = False,
         channels_last: bool = False,
         non_blocking: bool = False,
@@ -208,6 +219,8 @@ class DSANTrainer(Trainer):
         unknown = sorted(set(terms) - set(TERMS))
         if unknown or not terms:
             raise ValueError(f"terms must be a non-empty subset of {TERMS}, got unknown {unknown}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if gan_mode not in losses.GAN_MODES:
             raise ValueError(f"gan_mode must be one of {losses.GAN_MODES}, got {gan_mode!r}")
         super().__init__(
@@ -239,6 +252,8 @@ class DSANTrainer(Trainer):
                         "secadv": lambda_secadv}
         self.gan_mode = gan_mode
         self.detach_translations = detach_translations
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
         self.channels_last = channels_last
         self.grad_scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp)
         memory_format = torch.channels_last if channels_last else torch.preserve_format
@@ -257,6 +272,25 @@ class DSANTrainer(Trainer):
 
     def _autocast(self) -> AbstractContextManager:
         return torch.autocast(torch.device(self.state.device).type, enabled=self.amp)
+
+    def _finite(self, step_losses: dict[str, torch.Tensor]) -> bool:
+        """False (after a warning) when a loss term is NaN or infinite and ``nonfinite`` is "skip", so the
+        step is skipped; raises NonFiniteLossError when it is "stop". Without amp only: the gradient scaler
+        already skips the steps whose gradients overflow."""
+        if self.amp:
+            return True
+        bad = [name for name, value in step_losses.items() if not torch.isfinite(value).all()]
+        if not bad:
+            return True
+        where = f"{', '.join(f'{n} = {float(step_losses[n])}' for n in bad)} at iteration {self.state.iteration}"
+        if self.nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"ERROR: non-finite loss: {where}. Training stopped before this step changed any weight; the last "
+                "good checkpoint in output_dir is kept (rerun the command to resume from it, or set nonfinite: skip)."
+            )
+        self.skipped_steps += 1
+        logger.warning("non-finite loss: %s; step skipped (%d so far)", where, self.skipped_steps)
+        return False
 
     def _step(self, loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         """One backward pass and optimiser step, through the gradient scaler (a no-op unless amp)."""
@@ -322,10 +356,11 @@ class DSANTrainer(Trainer):
         with frozen(self.discriminators):
             with self._autocast():
                 g_losses = self.generator_losses(f, y_s)
-            self._step(g_losses["loss"], self.generator_optimizers)
+            if self._finite(g_losses):
+                self._step(g_losses["loss"], self.generator_optimizers)
         with self._autocast():
             d_losses = self.discriminator_losses(f)
-        if d_losses:
+        if d_losses and self._finite(d_losses):
             self._step(sum(d_losses.values()), self.discriminator_optimizers)
         self.grad_scaler.update()
         return {name: value.detach() for name, value in {**g_losses, **d_losses}.items()}

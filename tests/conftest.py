@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 import sys
 from pathlib import Path
@@ -27,6 +28,14 @@ TINY = {
     "num_workers": 0,
     "log_interval": 1,
 }
+
+
+@pytest.fixture(autouse=True)
+def _keep_locale():
+    """SimpleITK's DICOM code (GDCM) switches the process locale to "C"; keep tests independent of order."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 @pytest.fixture(scope="session")

@@ -113,7 +113,7 @@ def test_demo_run_writes_checkpoints_and_resumes(bundle_root, tiny_dataset, tmp_
     last = latest_checkpoint(out)
     assert last.name == "checkpoint_epoch=2.pt"
     assert torch.load(last, weights_only=True)["trainer"]["iteration"] == 4
-    history = json.loads((out / "validation.json").read_text())
+    history = json.loads((out / "validation.json").read_text(encoding="utf-8"))
     assert [h["iteration"] for h in history] == [2, 4]
     assert all(0.0 <= h["mean_dice"] <= 1.0 for h in history)
     previews = sorted(p.name for p in (out / "translations").glob("*.png"))

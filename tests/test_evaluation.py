@@ -96,7 +96,7 @@ def test_evaluate_config_end_to_end(config_file, dataset, caplog, capsys) -> Non
     assert values["case_c", 2]["dice"] == 0.0
     assert all(values["case_c", 2][k] == math.inf for k in ("asd_voxel", "asd_mm", "hd_mm", "hd95_mm"))
 
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["num_volumes"] == 3 and summary["volumes"] == ["case_a", "case_b", "case_c"]
     dice_aa = summary["metrics"]["dice"]["AA"]
     assert dice_aa["mean"] == pytest.approx(250 / 3) and dice_aa["std"] == pytest.approx(np.std([100, 50, 100]))
@@ -107,7 +107,7 @@ def test_evaluate_config_end_to_end(config_file, dataset, caplog, capsys) -> Non
     assert summary["metrics"]["dice"]["average"]["mean"] == pytest.approx(np.mean([100, 87.5, 75]))
     assert summary["empty"]["LAC"] == {"empty_prediction": ["case_c"], "empty_label": [], "both_empty": []}
 
-    markdown = (out / "summary.md").read_text()
+    markdown = (out / "summary.md").read_text(encoding="utf-8")
     assert "| | AA | LAC | LVC | MYO | Average |" in markdown
     assert "| Dice (%) | 83.33 ± 23.57 | 66.67 ± 47.14 | 100.00 ± 0.00 | 100.00 ± 0.00 |" in markdown
     assert "| ASD (voxel) | 0.29 ± 0.40 | 0.00 ± 0.00 (n=2) |" in markdown
@@ -137,11 +137,11 @@ def test_both_empty_and_empty_label_cells(config_file, tmp_path) -> None:
     myo = {r["volume"]: r for r in rows if r["class_name"] == "MYO"}
     assert myo["v1"]["dice"] == "nan" and myo["v1"]["hd95_mm"] == "nan"
     assert myo["v2"]["dice"] == "0.0" and myo["v2"]["asd_voxel"] == "inf"
-    markdown = (tmp_path / "out" / "summary.md").read_text()
+    markdown = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     assert "MYO: 1 volume with the class in neither prediction nor label (Dice and ASD/HD NaN" in markdown
     assert "MYO: 1 volume with an empty label but a non-empty prediction (ASD/HD inf" in markdown
     assert "| 0.00 ± 0.00 (n=1) |" in markdown  # MYO Dice: v2's 0 only, v1's NaN left out
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
     assert summary["metrics"]["asd_mm"]["MYO"] == {"mean": None, "std": None, "n": 0, "inf": 1, "nan": 1}
     assert "| ASD (voxel) | 0.00 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 | n/a | 0.00 ± 0.00 (n=1) |" in markdown
 
@@ -165,7 +165,7 @@ def test_shape_mismatch_names_both_files_and_keeps_earlier_results(config_file, 
     message = error_message(excinfo)
     assert str(bad) in message and str(dataset["label_dir"] / "case_d_label.nii.gz") in message
     assert "(16, 16, 7)" in message and "(16, 16, 8)" in message
-    assert (out / "summary.md").read_text() == "earlier evaluation\n"
+    assert (out / "summary.md").read_text(encoding="utf-8") == "earlier evaluation\n"
     assert not (out / "metrics.csv").exists()
 
 

@@ -101,7 +101,7 @@ def test_contrast_order_differs_between_modalities() -> None:
 def test_datalist_structure(dataset: pathlib.Path) -> None:
     root = dataset.parent
     assert dataset.name == "datalist.json"
-    datalist = json.loads(dataset.read_text())
+    datalist = json.loads(dataset.read_text(encoding="utf-8"))
     assert set(datalist) == set(SPLITS) | {"metadata"}
     meta = datalist["metadata"]
     assert meta["generator"] == "scripts.phantom" and meta["seed"] == 3
@@ -131,7 +131,7 @@ def test_datalist_structure(dataset: pathlib.Path) -> None:
 
 def test_source_and_target_are_unpaired(dataset: pathlib.Path) -> None:
     root = dataset.parent
-    datalist = json.loads(dataset.read_text())
+    datalist = json.loads(dataset.read_text(encoding="utf-8"))
     src = [_load(root / e["label"])[0] for e in datalist["source_train"]]
     tgt = [_load(root / e["label"])[0] for s in ("target_train_labels", "target_val", "target_test")
            for e in datalist[s]]
@@ -140,8 +140,8 @@ def test_source_and_target_are_unpaired(dataset: pathlib.Path) -> None:
 
 def test_generation_deterministic_across_runs(dataset: pathlib.Path, tmp_path: pathlib.Path) -> None:
     other = generate_demo_dataset(tmp_path / "again", shape=SHAPE, seed=3, **COUNTS)
-    assert json.loads(other.read_text()) == json.loads(dataset.read_text())
-    datalist = json.loads(dataset.read_text())
+    assert json.loads(other.read_text(encoding="utf-8")) == json.loads(dataset.read_text(encoding="utf-8"))
+    datalist = json.loads(dataset.read_text(encoding="utf-8"))
     for rel in [v for s in SPLITS for e in datalist[s] for v in e.values()]:
         np.testing.assert_array_equal(_load(dataset.parent / rel)[0], _load(other.parent / rel)[0])
 
@@ -163,7 +163,7 @@ def test_regenerates_on_changed_arguments_or_missing_file(tmp_path: pathlib.Path
     labels0 = _load(out / "source_train" / "src_000_label.nii.gz")[0]
     generate_demo_dataset(out, shape=SHAPE, seed=1, **small)
     labels1 = _load(out / "source_train" / "src_000_label.nii.gz")[0]
-    assert json.loads(first.read_text())["metadata"]["seed"] == 1
+    assert json.loads(first.read_text(encoding="utf-8"))["metadata"]["seed"] == 1
     assert not np.array_equal(labels0, labels1), "a different seed must give different geometry"
     (out / "target_train" / "tgt_000_image.nii.gz").unlink()
     generate_demo_dataset(out, shape=SHAPE, seed=1, **small)
@@ -197,7 +197,7 @@ def test_refuses_to_replace_foreign_folder(tmp_path: pathlib.Path) -> None:
     with pytest.raises(FileExistsError):
         generate_demo_dataset(out, shape=SHAPE, num_source_train=1, num_target_train=1,
                               num_target_val=0, num_target_test=0)
-    assert (out / "precious.txt").read_text() == "not ours"
+    assert (out / "precious.txt").read_text(encoding="utf-8") == "not ours"
 
 
 def test_preview_png(dataset: pathlib.Path, tmp_path: pathlib.Path) -> None:

@@ -119,7 +119,7 @@ def assert_world_match(image_path: Path, label_path: Path, src_image: np.ndarray
 
 
 def load_datalist(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def patients_by_split(datalist: dict) -> dict[str, list[str]]:
@@ -328,7 +328,7 @@ def test_refuses_non_empty_output_without_overwrite(mmwhs: dict) -> None:
     kwargs = {"source_dir": mmwhs["source_dir"], "target_dir": mmwhs["target_dir"], "output_dir": out}
     with pytest.raises(PrepareError, match="not empty; pass --overwrite"):
         prepare_mmwhs(**kwargs)
-    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
     prepare_mmwhs(**kwargs, overwrite=True)
     assert not (out / "notes.txt").exists() and (out / "datalist.json").is_file()
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []

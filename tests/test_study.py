@@ -16,7 +16,7 @@ from tests.conftest import TINY
 def test_every_setup_is_a_small_override_that_instantiates(bundle_root, tiny_dataset, tmp_path, setup) -> None:
     override = SETUPS[setup][0]
     if override is not None:
-        assert len((bundle_root / override).read_text().splitlines()) <= 12  # a few lines, never a copy
+        assert len((bundle_root / override).read_text(encoding="utf-8").splitlines()) <= 12  # a few lines, never a copy
     parser = ConfigParser()
     parser.read_config(config_files("demo", setup))
     parser.update({"bundle_root": str(bundle_root), "dataset_dir": str(tiny_dataset.parent),
@@ -45,12 +45,12 @@ def test_study_command_writes_the_table_and_the_curves(tiny_dataset, tmp_path) -
     lines = table.splitlines()
     assert lines[0].startswith("| setup | Dice AA |") and len(lines) == 4
     assert "L_seg^s only" in lines[2] and "full DSAN" in lines[3]
-    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    results = json.loads((tmp_path / "study" / "results.json").read_text(encoding="utf-8"))
     for name in ("source_only", "full"):
         assert results[name]["iterations"] == 2
         assert 0.0 <= results[name]["dice"]["average"] <= 100.0
     assert (tmp_path / "study" / "validation_dice.png").stat().st_size > 10_000
-    assert (tmp_path / "study" / "table.md").read_text().strip() == table
+    assert (tmp_path / "study" / "table.md").read_text(encoding="utf-8").strip() == table
 
 
 def losses_of_a_run(bundle_root, dataset_dir, out, iterations: int) -> list[dict[str, float]]:

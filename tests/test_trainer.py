@@ -24,7 +24,7 @@ def batches() -> UnpairedBatches:
 
 def make_trainer(
     shared_decoders: bool = False, unshared_encoders: bool = False, unshared_discriminators: bool = False,
-    **kwargs,
+    max_epochs: int = 1, segmentation_loss_factory=SegmentationLoss, **kwargs,
 ) -> DSANTrainer:
     torch.manual_seed(0)
     segmenter = Segmenter(1, CLASSES, width=0.125)
@@ -37,10 +37,10 @@ def make_trainer(
     dp = [PatchDiscriminator(CLASSES, disc), PatchDiscriminator(CLASSES, disc)]
     dtp = [PatchDiscriminator(CLASSES, disc), PatchDiscriminator(CLASSES, disc)] if unshared_discriminators else dp
     return DSANTrainer(
-        device="cpu", max_epochs=1, epoch_length=1, data_loader=batches(),
+        device="cpu", max_epochs=max_epochs, epoch_length=1, data_loader=batches(),
         segmenter=segmenter, translation_encoder=translation_encoder, decoder_s=decoder_s, decoder_t=decoder_t,
         image_discriminator_s=d_s, image_discriminator_t=d_t, prediction_discriminators=dp,
-        translated_prediction_discriminators=dtp, segmentation_loss=SegmentationLoss(CLASSES),
+        translated_prediction_discriminators=dtp, segmentation_loss=segmentation_loss_factory(CLASSES),
         optimizer_seg=torch.optim.Adam(unique_parameters(segmenter, translation_encoder), lr=2e-4),
         optimizer_dec=torch.optim.Adam(unique_parameters(decoder_s, decoder_t), lr=1e-3),
         optimizer_d_image=torch.optim.Adam(unique_parameters(d_s, d_t), lr=1e-4),
