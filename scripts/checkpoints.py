@@ -65,6 +65,7 @@ class ResumeFromLatest:
         self.map_location = map_location
 
     def attach(self, engine: Engine) -> None:
+        ensure_writable(self.directory)
         path = latest_checkpoint(self.directory)
         if path is None:
             logger.info("no checkpoint in %s: training from scratch", self.directory)
@@ -139,13 +140,51 @@ class CheckedCheckpointLoader(CheckpointLoader):
         super().__call__(engine)
 
 
+class CheckpointWriteError(SystemExit):
+    """A checkpoint that could not be written (full disk, unwritable folder): one message, no traceback."""
+
+
+class _ReportingDiskSaver:
+    """Wraps ignite's DiskSaver: writes atomically and turns an OSError into a CheckpointWriteError."""
+
+    def __init__(self, saver: Any) -> None:
+        saver._atomic = True  # MONAI turns it off; ignite's temp-file-and-rename is what keeps old files intact
+        self.saver = saver
+
+    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+        try:
+            self.saver(checkpoint, filename, metadata)
+        except OSError as error:
+            raise CheckpointWriteError(
+                f"ERROR: could not write checkpoint {filename} in {self.saver.dirname}: {error}. Nothing was "
+                "replaced: the checkpoints already there are intact, and a rerun resumes from the newest."
+            ) from error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.saver, name)
+
+
 class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI's CheckpointSaver writing each file to a temporary name and renaming it into place (ignite's
     atomic DiskSaver, which also keeps group/other read permission), so a kill, a full disk or an I/O error
-    mid-write never leaves a truncated checkpoint behind, and the previous one stays intact."""
+    mid-write never leaves a truncated checkpoint and the previous one stays intact; a failed write ends the
+    run with one message saying what happened."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
-                checkpoint.save_handler._atomic = True  # MONAI turns it off; ignite's temp-file-and-rename is wanted
+                checkpoint.save_handler = _ReportingDiskSaver(checkpoint.save_handler)
+
+
+def ensure_writable(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` if needed and prove a file can be written there, before any training starts."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise CheckpointWriteError(f"ERROR: output folder {str(path)!r} is not writable: {error}") from error
+    return path

@@ -139,6 +139,8 @@ def study(
     """Train every setup with the same budget (iterations, and optionally minutes of wall clock), evaluate each
     on the target test volumes, and write ``table.md``, ``results.json`` and ``validation_dice.png`` into
     ``output_dir``. Further ``--id value`` pairs override config ids of every setup (e.g. ``--seed 1``)."""
+    if isinstance(setups, str):  # fire passes "a,b" (or a single name) as one string
+        setups = [name.strip() for name in setups.strip("[]").split(",") if name.strip()]
     unknown = sorted(set(setups) - set(SETUPS))
     if unknown:
         raise SystemExit(f"ERROR: unknown setups {unknown}; choose from {sorted(SETUPS)}")

@@ -132,3 +132,38 @@ def test_inference_with_a_checkpoint_of_another_width_says_so(bundle_root, tmp_p
     with pytest.raises(CheckpointMismatchError, match=r"(?s)model\.pt does not fit the Segmenter.*shape mismatches"):
         run(config_file=str(bundle_root / "configs/inference.yaml"), dataset_dir=str(tmp_path / "in"),
             output_dir=str(tmp_path / "out"), ckpt_path=str(ckpt), encoder_width=0.25, logging_file=False)
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch) -> None:
+    from scripts.checkpoints import AtomicCheckpointSaver, CheckpointWriteError
+
+    trainer = make_trainer(max_epochs=1)
+    saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_interval=1, n_saved=1,
+                                  save_dict={"segmenter": trainer.segmenter, "trainer": trainer})
+    saver.attach(trainer)
+    trainer.run()
+    first = tmp_path / "checkpoint_epoch=1.pt"
+    before = first.read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    trainer.state.max_epochs = 2
+    with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint checkpoint_epoch=2\.pt.*No space"):
+        trainer.run()
+    monkeypatch.undo()
+    assert first.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=1.pt"]  # no partial file left
+    torch.load(first, weights_only=True)
+
+
+def test_unwritable_output_dir_stops_before_training(tmp_path) -> None:
+    from scripts.checkpoints import CheckpointWriteError, ensure_writable
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    with pytest.raises(CheckpointWriteError, match="is not writable"):
+        ensure_writable(blocker / "runs")
+    assert ensure_writable(tmp_path / "new" / "runs").is_dir()
