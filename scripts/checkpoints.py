@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine
 from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
@@ -144,12 +145,15 @@ class CheckpointWriteError(SystemExit):
     """A checkpoint that could not be written (full disk, unwritable folder): one message, no traceback."""
 
 
-class _ReportingDiskSaver:
-    """Wraps ignite's DiskSaver: writes atomically and turns an OSError into a CheckpointWriteError."""
+class _ReportingDiskSaver(BaseSaveHandler):
+    """Wraps ignite's DiskSaver: writes atomically, deletes the checkpoint that n_saved no longer keeps only
+    after the new one is safely written (ignite asks for the removal first), and turns an OSError into a
+    CheckpointWriteError."""
 
     def __init__(self, saver: Any) -> None:
         saver._atomic = True  # MONAI turns it off; ignite's temp-file-and-rename is what keeps old files intact
         self.saver = saver
+        self._to_remove: list[str] = []
 
     def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
         try:
@@ -159,6 +163,13 @@ class _ReportingDiskSaver:
                 f"ERROR: could not write checkpoint {filename} in {self.saver.dirname}: {error}. Nothing was "
                 "replaced: the checkpoints already there are intact, and a rerun resumes from the newest."
             ) from error
+        for old in self._to_remove:
+            if old != filename:
+                self.saver.remove(old)
+        self._to_remove.clear()
+
+    def remove(self, filename: str) -> None:
+        self._to_remove.append(filename)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.saver, name)
