@@ -164,11 +164,12 @@ class _ReportingDiskSaver(BaseSaveHandler):
                 "replaced: the checkpoints already there are intact, and a rerun resumes from the newest."
             ) from error
         for old in self._to_remove:
-            if old != filename:
-                self.saver.remove(old)
+            self.saver.remove(old)
         self._to_remove.clear()
 
     def remove(self, filename: str) -> None:
+        if getattr(self.saver, "filename", None) is not None:
+            return  # MONAI's fixed-name saver (models/model.pt): the atomic rename itself replaces the old file
         self._to_remove.append(filename)
 
     def __getattr__(self, name: str) -> Any:

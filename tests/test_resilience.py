@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.bundle import run
 
 from scripts.checkpoints import CheckpointMismatchError
@@ -167,3 +168,17 @@ def test_unwritable_output_dir_stops_before_training(tmp_path) -> None:
     with pytest.raises(CheckpointWriteError, match="is not writable"):
         ensure_writable(blocker / "runs")
     assert ensure_writable(tmp_path / "new" / "runs").is_dir()
+
+
+def test_best_model_file_survives_a_better_validation(tmp_path) -> None:
+    from scripts.checkpoints import AtomicCheckpointSaver
+
+    trainer = make_trainer(max_epochs=3)
+    scores = iter([0.1, 0.3, 0.2])
+    saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": trainer.segmenter},
+                                  save_key_metric=True, key_metric_name="dice", key_metric_filename="model.pt")
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(dice=next(scores)))
+    saver.attach(trainer)
+    trainer.run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    torch.load(tmp_path / "model.pt", weights_only=True)
