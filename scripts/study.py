@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from monai.bundle import run
@@ -51,6 +54,18 @@ def train_setup(setup: str, profile: str, out: Path, budget: dict) -> float:
     return time.perf_counter() - start
 
 
+def budget_models(out: Path, history: list[dict], marks: Sequence[float], max_minutes: float | None) -> dict:
+    """Budget label -> (best model file, iterations trained) of one trained setup: one per mark it reached
+    (``budget_marks.json``), then the whole run."""
+    record_file = out / "budget_marks.json"
+    records = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+    models = {f"{m:g} min": (out / records[f"{m:g}"]["model"], records[f"{m:g}"]["iteration"])
+              for m in marks if f"{m:g}" in records}
+    whole = f"{max_minutes:g} min" if max_minutes is not None else "whole run"
+    models[whole] = (out / "model.pt", history[-1]["iteration"] if history else 0)
+    return models
+
+
 def link_split(entries: list[dict], key: str, dataset_dir: Path, folder: Path) -> Path:
     """A folder of links to one key ('image' or 'label') of a datalist split, the layout inference and
     evaluation read."""
@@ -62,8 +77,10 @@ def link_split(entries: list[dict], key: str, dataset_dir: Path, folder: Path) -
     return folder
 
 
-def evaluate_setup(profile: str, setup: str, out: Path, datalist: Path, dataset_dir: Path, overrides: dict) -> dict:
-    """Segment the target test volumes with the setup's best model (selected on target_val) and score them."""
+def evaluate_setup(profile: str, setup: str, out: Path, model: Path, datalist: Path, dataset_dir: Path,
+                   overrides: dict) -> dict:
+    """Segment the target test volumes with ``model`` (a best model selected on target_val) and score them in
+    ``<out>/test_<model name>``."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -73,28 +90,42 @@ def evaluate_setup(profile: str, setup: str, out: Path, datalist: Path, dataset_
     test = json.loads(datalist.read_text(encoding="utf-8"))["target_test"]
     images = link_split(test, "image", dataset_dir, out / "test_images")
     labels = link_split(test, "label", dataset_dir, out / "test_labels")
+    results = out / f"test_{model.stem}"
     run(config_file=str(BUNDLE_ROOT / "configs" / "inference.yaml"), bundle_root=str(BUNDLE_ROOT),
-        dataset_dir=str(images), output_dir=str(out / "test_predictions"), ckpt_path=str(out / "model.pt"),
+        dataset_dir=str(images), output_dir=str(results / "predictions"), ckpt_path=str(model),
         logging_file=False, **network)
     run(config_file=str(BUNDLE_ROOT / "configs" / "evaluate.yaml"), bundle_root=str(BUNDLE_ROOT),
-        pred_dir=str(out / "test_predictions"), label_dir=str(labels), output_dir=str(out / "test_evaluation"),
+        pred_dir=str(results / "predictions"), label_dir=str(labels), output_dir=str(results / "evaluation"),
         num_classes=network["num_classes"], class_names=parser.get("class_names"), logging_file=False)
-    return json.loads((out / "test_evaluation" / "summary.json").read_text(encoding="utf-8"))
+    return json.loads((results / "evaluation" / "summary.json").read_text(encoding="utf-8"))
 
 
 def cell(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
-def study_table(results: dict[str, dict], class_names: Sequence[str]) -> str:
-    """Markdown table in the paper's format: per-class Dice (%) and ASD (voxel), and their averages."""
-    head = ["setup", *[f"Dice {c}" for c in class_names], "Dice avg", *[f"ASD {c}" for c in class_names],
-            "ASD avg", "iterations", "wall time"]
+def gap_closure(rows: list[dict]) -> None:
+    """Adds ``gap_closed`` (%) to every row whose budget also has source-only and supervised rows:
+    (Dice - source-only) / (supervised - source-only), the share of the no-adaptation-to-upper-bound gap."""
+    dice = {(r["setup"], r["budget"]): r["dice"].get("average") for r in rows}
+    for r in rows:
+        low, high, own = dice.get(("source_only", r["budget"])), dice.get(("supervised", r["budget"])), dice[
+            (r["setup"], r["budget"])]
+        usable = None not in (low, high, own) and high != low
+        r["gap_closed"] = 100 * (own - low) / (high - low) if usable else None
+
+
+def study_table(rows: list[dict], class_names: Sequence[str]) -> str:
+    """Markdown table in the paper's format: per-class Dice (%) and ASD (voxel), their averages, and the share
+    of the source-only-to-supervised gap closed at the same budget."""
+    head = ["setup", "budget", *[f"Dice {c}" for c in class_names], "Dice avg", *[f"ASD {c}" for c in class_names],
+            "ASD avg", "gap closed (%)", "iterations", "run's wall time"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for name, r in results.items():
+    for r in rows:
         dice = [r["dice"].get(c) for c in class_names] + [r["dice"].get("average")]
         asd = [r["asd_voxel"].get(c) for c in class_names] + [r["asd_voxel"].get("average")]
-        lines.append("| " + " | ".join([SETUPS[name][1], *map(cell, dice), *map(cell, asd), str(r["iterations"]),
+        lines.append("| " + " | ".join([SETUPS[r["setup"]][1], r["budget"], *map(cell, dice), *map(cell, asd),
+                                         cell(r.get("gap_closed"), 1), str(r["iterations"]),
                                          format_duration(r["wall_s"])]) + " |")
     return "\n".join(lines)
 
@@ -131,14 +162,50 @@ def plot_validation_curves(histories: dict[str, list[dict]], path: Path, title: 
     return path
 
 
+def study_setup(name: str, profile: str, out: Path, budget: dict, data_root: Path, datalist: Path,
+                class_names: Sequence[str], overrides: dict, threads: int | None = None) -> list[dict]:
+    """Train one setup and evaluate its best model at every budget; with ``threads``, in this many torch threads
+    and logging to ``<out>/train.log`` (a study running setups side by side). A setup whose results are already
+    in ``<out>/study_rows.json`` (a study run before into the same folder) is not trained again."""
+    done = out / "study_rows.json"
+    if done.is_file():
+        logger.info("study: %s already trained and evaluated: reusing %s (delete %s to retrain)", name, done, out)
+        return json.loads(done.read_text(encoding="utf-8"))
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+        out.mkdir(parents=True, exist_ok=True)
+        log = os.open(out / "train.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+    wall = train_setup(name, profile, out, budget)
+    history = read_history(out / "validation.json")
+    rows = []
+    models = budget_models(out, history, budget["budget_marks"], budget["max_minutes"])
+    for label, (model, iterations) in models.items():
+        summary = evaluate_setup(profile, name, out, model, datalist, data_root, overrides)
+        rows.append({
+            "setup": name, "budget": label, "iterations": iterations, "wall_s": wall,
+            "dice": {c: mean_metric(summary, "dice", c) for c in [*class_names, "average"]},
+            "asd_voxel": {c: mean_metric(summary, "asd_voxel", c) for c in [*class_names, "average"]},
+        })
+    done.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return rows
+
+
 def study(
     setups: Sequence[str] = tuple(DEFAULT_SETUPS), profile: str = "demo", max_iterations: int = 600,
-    val_interval: int = 100, max_minutes: float | None = None, output_dir: str | os.PathLike = "runs/study",
-    dataset_dir: str | None = None, datalist: str | None = None, **overrides: object,
+    val_interval: int = 100, max_minutes: float | None = None, budget_marks: Sequence[float] = (),
+    jobs: int = 1, output_dir: str | os.PathLike = "runs/study", dataset_dir: str | None = None,
+    datalist: str | None = None, **overrides: object,
 ) -> str:
     """Train every setup with the same budget (iterations, and optionally minutes of wall clock), evaluate each
     on the target test volumes, and write ``table.md``, ``results.json`` and ``validation_dice.png`` into
-    ``output_dir``. Further ``--id value`` pairs override config ids of every setup (e.g. ``--seed 1``)."""
+    ``output_dir``. ``budget_marks`` (minutes) also evaluate the best model each run had at those shorter
+    budgets. ``jobs`` > 1 trains that many setups side by side, each in cpu_count / jobs torch threads and
+    logging to ``<output_dir>/<setup>/train.log``. Further ``--id value`` pairs override config ids of every
+    setup (e.g. ``--seed 1``)."""
     if isinstance(setups, str):  # fire passes "a,b" (or a single name) as one string
         setups = [name.strip() for name in setups.strip("[]").split(",") if name.strip()]
     unknown = sorted(set(setups) - set(SETUPS))
@@ -146,8 +213,14 @@ def study(
         raise SystemExit(f"ERROR: unknown setups {unknown}; choose from {sorted(SETUPS)}")
     if profile not in PROFILES:
         raise SystemExit(f"ERROR: profile must be one of {sorted(PROFILES)}")
+    if jobs < 1:
+        raise SystemExit(f"ERROR: jobs must be at least 1, got {jobs}")
+    marks = [float(m) for m in ([budget_marks] if isinstance(budget_marks, (int, float)) else budget_marks)]
+    if marks and (max_minutes is None or max(marks) >= max_minutes):
+        raise SystemExit("ERROR: budget_marks must be shorter than max_minutes")
     out_root = Path(output_dir).resolve()
-    budget = {"max_iterations": max_iterations, "val_interval": val_interval, "max_minutes": max_minutes}
+    budget = {"max_iterations": max_iterations, "val_interval": val_interval, "max_minutes": max_minutes,
+              "budget_marks": marks}
     data = {k: v for k, v in (("dataset_dir", dataset_dir), ("datalist", datalist)) if v is not None}
     budget.update(data)
     budget.update(overrides)
@@ -156,26 +229,33 @@ def study(
     parser = ConfigParser()
     parser.read_config(config_files(profile, "full"))
     parser.update({"bundle_root": str(BUNDLE_ROOT), **data})
-    data_root = Path(parser.get_parsed_content("dataset_dir"))
-    datalist_path = Path(parser.get_parsed_content("datalist"))
-    class_names = parser.get_parsed_content("class_names")
-    results, histories = {}, {}
-    for index, name in enumerate(setups, 1):
-        out = out_root / name
-        logger.info("study: setup %d/%d %s -> %s", index, len(setups), name, out)
-        wall = train_setup(name, profile, out, budget)
-        summary = evaluate_setup(profile, name, out, datalist_path, data_root, {**data, **overrides})
-        histories[name] = read_history(out / "validation.json")
-        results[name] = {
-            "dice": {c: mean_metric(summary, "dice", c) for c in [*class_names, "average"]},
-            "asd_voxel": {c: mean_metric(summary, "asd_voxel", c) for c in [*class_names, "average"]},
-            "iterations": histories[name][-1]["iteration"] if histories[name] else 0,
-            "wall_s": wall,
-        }
-    table = study_table(results, class_names)
+    common = {"profile": profile, "budget": budget, "data_root": Path(parser.get_parsed_content("dataset_dir")),
+              "datalist": Path(parser.get_parsed_content("datalist")),
+              "class_names": parser.get_parsed_content("class_names"), "overrides": {**data, **overrides}}
+    if jobs == 1:
+        per_setup = []
+        for index, name in enumerate(setups, 1):
+            logger.info("study: setup %d/%d %s -> %s", index, len(setups), name, out_root / name)
+            per_setup.append(study_setup(name, out=out_root / name, **common))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        logger.info("study: %d setups, %d side by side in %d thread(s) each; logs in %s/<setup>/train.log",
+                    len(setups), jobs, threads, out_root)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            per_setup = list(pool.map(partial(study_setup_by_name, out_root=out_root, threads=threads, **common),
+                                      setups))
+    rows = [row for setup_rows in per_setup for row in setup_rows]
+    gap_closure(rows)
+    table = study_table(rows, common["class_names"])
     (out_root / "table.md").write_text(table + "\n", encoding="utf-8")
-    (out_root / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (out_root / "results.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    histories = {name: read_history(out_root / name / "validation.json") for name in setups}
     plot_validation_curves(histories, out_root / "validation_dice.png",
                            f"target validation Dice, profile {profile}, {max_iterations} iterations")
     print("\nTarget test Dice (%) and ASD (voxel), best model on target_val of each setup:\n" + table, flush=True)
     return table
+
+
+def study_setup_by_name(name: str, out_root: Path, **kwargs: object) -> list[dict]:
+    """``study_setup`` with the output folder named after the setup (for a process pool's map)."""
+    return study_setup(name, out=out_root / name, **kwargs)

@@ -19,11 +19,15 @@ One iteration: (a) with every discriminator frozen, update E, C, U_s, U_t on Eq.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +36,7 @@ from monai.engines import Trainer
 from torch import nn
 
 from scripts import losses
-from scripts.distributed import average_gradients, broadcast_from_rank_zero
+from scripts.distributed import average_gradients, broadcast_from_rank_zero, rank
 from scripts.networks import Segmenter, frozen
 
 logger = logging.getLogger("dsan")
@@ -136,24 +140,53 @@ class DSANForward:
 
 
 class WallClockBudget:
-    """Ends training at the first validation after ``minutes`` of wall clock (None: no limit), so setups of
-    different cost can be compared at equal time. Training stops at an epoch end, after its validation."""
+    """Ends training at the last validation that fits in ``minutes`` of wall clock (None: no limit), so setups
+    of different cost can be compared at equal time: at each epoch end (after its validation), training stops
+    if one more epoch as long as the last one would overrun the budget.
 
-    def __init__(self, minutes: float | None = None) -> None:
+    ``marks`` (minutes, shorter than ``minutes``) give the shorter budgets of the same run: at the last
+    validation that fits in each mark, the best model so far (``best_model``) is copied to ``model_<m>min.pt``
+    beside it and the iteration is recorded in ``budget_marks.json``. With a constant learning rate (the
+    paper's), the run up to a mark is the run a budget of that many minutes would have made."""
+
+    def __init__(self, minutes: float | None = None, marks: Sequence[float] = (),
+                 best_model: str | os.PathLike | None = None) -> None:
+        if marks and best_model is None:
+            raise ValueError("budget marks need best_model, the file the best-model saver writes")
         self.minutes = minutes
-        self._start = 0.0
+        self.marks = sorted(float(m) for m in marks)
+        self.best_model = None if best_model is None else Path(best_model)
+        self._start = self._last_epoch_end = 0.0
+        self._pending: list[float] = []
 
     def attach(self, engine: Engine) -> None:
-        if self.minutes is not None:
+        if self.minutes is not None or self.marks:
             engine.add_event_handler(Events.STARTED, self._started)
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._check)
 
     def _started(self, engine: Engine) -> None:
-        self._start = time.perf_counter()
+        self._start = self._last_epoch_end = time.perf_counter()
+        self._pending = list(self.marks)
 
     def _check(self, engine: Engine) -> None:
-        if time.perf_counter() - self._start >= 60.0 * self.minutes:
+        now = time.perf_counter()
+        elapsed, next_end = now - self._start, 2 * now - self._last_epoch_end - self._start
+        self._last_epoch_end = now
+        while self._pending and next_end > 60.0 * self._pending[0]:
+            self._keep_best_model(self._pending.pop(0), engine.state.iteration, elapsed)
+        if self.minutes is not None and next_end > 60.0 * self.minutes:
             engine.terminate()
+
+    def _keep_best_model(self, mark: float, iteration: int, elapsed: float) -> None:
+        if rank() != 0:  # only rank 0 saves the best model
+            return
+        snapshot = self.best_model.with_name(f"model_{mark:g}min.pt")
+        shutil.copyfile(self.best_model, snapshot)
+        record_file = self.best_model.with_name("budget_marks.json")
+        records = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+        records[f"{mark:g}"] = {"model": snapshot.name, "iteration": iteration, "elapsed_s": round(elapsed, 1)}
+        record_file.write_text(json.dumps(records, indent=1), encoding="utf-8")
+        logger.info("budget mark %g min: best model so far kept as %s (iteration %d)", mark, snapshot, iteration)
 
 
 def epochs_for(max_iterations: int, val_interval: int) -> int:

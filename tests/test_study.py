@@ -8,7 +8,7 @@ import pytest
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from scripts.study import SETUPS, config_files, study
+from scripts.study import SETUPS, config_files, gap_closure, study
 from tests.conftest import TINY
 
 
@@ -39,18 +39,44 @@ def test_every_setup_is_a_small_override_that_instantiates(bundle_root, tiny_dat
 
 
 def test_study_command_writes_the_table_and_the_curves(tiny_dataset, tmp_path) -> None:
-    table = study(setups=["source_only", "full"], profile="demo", max_iterations=2, val_interval=1,
-                  output_dir=tmp_path / "study", dataset_dir=str(tiny_dataset.parent), prepare_dataset="$lambda: None",
-                  **TINY)
+    table = study(setups=["source_only", "full", "supervised"], profile="demo", max_iterations=2, val_interval=1,
+                  max_minutes=60, budget_marks=[0], jobs=2, output_dir=tmp_path / "study",
+                  dataset_dir=str(tiny_dataset.parent), prepare_dataset="$lambda: None", **TINY)
     lines = table.splitlines()
-    assert lines[0].startswith("| setup | Dice AA |") and len(lines) == 4
-    assert "L_seg^s only" in lines[2] and "full DSAN" in lines[3]
-    results = json.loads((tmp_path / "study" / "results.json").read_text(encoding="utf-8"))
-    for name in ("source_only", "full"):
-        assert results[name]["iterations"] == 2
-        assert 0.0 <= results[name]["dice"]["average"] <= 100.0
+    assert lines[0].startswith("| setup | budget | Dice AA |") and len(lines) == 2 + 3 * 2
+    assert "L_seg^s only" in lines[2] and "full DSAN" in lines[4] and "supervised" in lines[6]
+    rows = json.loads((tmp_path / "study" / "results.json").read_text(encoding="utf-8"))
+    assert [(r["setup"], r["budget"]) for r in rows] == [
+        (name, budget) for name in ("source_only", "full", "supervised") for budget in ("0 min", "60 min")]
+    for r in rows:
+        # the 0-minute mark is the first validation (iteration 1); the whole run ends at max_iterations
+        assert r["iterations"] == (1 if r["budget"] == "0 min" else 2)
+        assert 0.0 <= r["dice"]["average"] <= 100.0
+    dice = {r["setup"]: r["dice"]["average"] for r in rows if r["budget"] == "60 min"}
+    if dice["supervised"] != dice["source_only"]:
+        closed = 100 * (dice["full"] - dice["source_only"]) / (dice["supervised"] - dice["source_only"])
+        assert rows[3]["gap_closed"] == pytest.approx(closed)
+    for name in ("source_only", "full", "supervised"):  # side by side: each setup logged to its own file
+        log = (tmp_path / "study" / name / "train.log").read_text(encoding="utf-8")
+        assert "budget mark 0 min" in log
     assert (tmp_path / "study" / "validation_dice.png").stat().st_size > 10_000
     assert (tmp_path / "study" / "table.md").read_text(encoding="utf-8").strip() == table
+    # a setup already trained and evaluated in this folder is reused, not trained again
+    again = study(setups=["source_only", "supervised"], profile="demo", max_iterations=2, val_interval=1,
+                  max_minutes=60, budget_marks=[0], output_dir=tmp_path / "study", dataset_dir=str(tiny_dataset.parent),
+                  prepare_dataset="$lambda: None", **TINY)
+    assert again.splitlines()[2:] == [lines[i] for i in (2, 3, 6, 7)]
+    assert log == (tmp_path / "study" / "supervised" / "train.log").read_text(encoding="utf-8")
+
+
+def test_gap_closure_is_the_share_of_the_source_only_to_supervised_gap() -> None:
+    def row(setup: str, dice: float | None, budget: str = "10 min") -> dict:
+        return {"setup": setup, "budget": budget, "dice": {"average": dice}}
+
+    rows = [row("source_only", 20.0), row("supervised", 80.0), row("full", 56.0), row("full", 50.0, "30 min"),
+            row("short_budget", None)]
+    gap_closure(rows)
+    assert [r["gap_closed"] for r in rows] == [0.0, 100.0, pytest.approx(60.0), None, None]
 
 
 def losses_of_a_run(bundle_root, dataset_dir, out, iterations: int) -> list[dict[str, float]]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from ignite.engine import Engine
 from torch import nn
 
 from scripts.data import UnpairedBatches
 from scripts.losses import SegmentationLoss
 from scripts.networks import PatchDiscriminator, Segmenter, TranslationDecoder, unique_parameters
-from scripts.trainer import DSANTrainer, epochs_for
+from scripts.trainer import DSANTrainer, WallClockBudget, epochs_for
 
 SIZE, BATCH, CLASSES = 32, 2, 3
 
@@ -186,3 +189,24 @@ def test_benchmark_runs_both_loops_and_reports_their_ratio(capsys) -> None:
     assert result["bundle_s_per_it"] > 0 and result["bare_s_per_it"] > 0
     assert result["ratio"] == pytest.approx(result["bundle_s_per_it"] / result["bare_s_per_it"])
     assert "ratio bundle/bare" in capsys.readouterr().out
+
+
+def test_wall_clock_budget_stops_at_the_last_validation_that_fits_and_keeps_marked_models(
+        tmp_path, monkeypatch) -> None:
+    clock = {"now": 0.0}
+    monkeypatch.setattr("scripts.trainer.time.perf_counter", lambda: clock["now"])
+    best = tmp_path / "model.pt"
+
+    def one_minute_iteration(engine: Engine, batch: object) -> None:
+        clock["now"] += 60.0
+        best.write_text(f"best after iteration {engine.state.iteration}")  # what the best-model saver would do
+
+    engine = Engine(one_minute_iteration)
+    WallClockBudget(minutes=3.5, marks=[2.0], best_model=best).attach(engine)
+    engine.run(range(1), max_epochs=100)
+    # epochs end at 1, 2, 3 minutes; a fourth would end at 4 > 3.5, so training stops after the third
+    assert engine.state.epoch == 3
+    # the last validation within 2 minutes is at 2 minutes: its best model is kept for the 2-minute budget
+    assert (tmp_path / "model_2min.pt").read_text() == "best after iteration 2"
+    marks = json.loads((tmp_path / "budget_marks.json").read_text())
+    assert marks == {"2": {"model": "model_2min.pt", "iteration": 2, "elapsed_s": 120.0}}
