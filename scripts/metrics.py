@@ -24,10 +24,11 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from monai.metrics.utils import get_mask_edges, get_surface_distance
 
 __all__ = ["METRIC_NAMES", "average_surface_distance", "class_metrics", "dice", "hausdorff_distance",
-           "surface_distances", "surface_metrics"]
+           "intensity_distance", "surface_distances", "surface_metrics"]
 
 # the per-class values that class_metrics returns, in the order of the evaluation CSV's columns
 METRIC_NAMES = ("dice", "asd_voxel", "asd_mm", "hd_mm", "hd95_mm")
@@ -130,3 +131,12 @@ def _hausdorff(to_label: np.ndarray, to_pred: np.ndarray, percentile: float | No
 def _check_same_shape(pred: np.ndarray, label: np.ndarray) -> None:
     if pred.shape != label.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from label shape {label.shape}")
+
+
+def intensity_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1-Wasserstein distance between the intensity histograms of two equally sized image batches: the mean
+    absolute difference of their sorted values (in the images' units, [-1, 1] here). It says how far apart two
+    domains' intensity distributions are, e.g. x_s->t and x_t, whatever the anatomy of the unpaired slices."""
+    if a.numel() != b.numel():
+        raise ValueError(f"intensity_distance needs batches of equal size, got {a.numel()} and {b.numel()} values")
+    return (a.detach().flatten().float().sort().values - b.detach().flatten().float().sort().values).abs().mean()

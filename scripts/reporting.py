@@ -51,19 +51,51 @@ class ProgressLogger:
         )
 
 
+TRANSLATION_KEYS = ("w1_s2t_t", "w1_t2s_s", "w1_s_t")
+"""The translation distances the trainer reports (``scripts.trainer.translation_distances``)."""
+
+
+class IntervalMeans:
+    """Means of some trainer outputs over each validation interval (by default the translation distances), which
+    ``ValidationReport`` logs next to the Dice: one number per validation instead of one per noisy batch."""
+
+    def __init__(self, keys: Sequence[str] = TRANSLATION_KEYS) -> None:
+        self.keys = list(keys)
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._add)
+
+    def _add(self, engine: Engine) -> None:
+        for key in self.keys:
+            if key in engine.state.output:
+                self._sums[key] = self._sums.get(key, 0.0) + float(engine.state.output[key])
+                self._counts[key] = self._counts.get(key, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        """The means since the last call, then start again."""
+        means = {key: self._sums[key] / self._counts[key] for key in self.keys if self._counts.get(key)}
+        self._sums, self._counts = {}, {}
+        return means
+
+
 class ValidationReport:
     """After each validation: puts the mean Dice of every foreground class into ``engine.state.metrics``
     as ``val_dice_<name>`` (so Stats/TensorBoard handlers log them), logs one line, and appends the
     record to the JSON ``history_file`` (one entry per validation, keyed by training iteration).
 
     Reads the per-volume, per-class details that MeanDice(save_details=True) keeps for ``metric_name``.
-    A class absent from every validation volume is reported as nan (null in the JSON).
+    A class absent from every validation volume is reported as nan (null in the JSON). With ``interval_means``
+    (the trainer's ``IntervalMeans``), the translation distances of the interval are logged on the same line,
+    put into the metrics as ``val_<key>`` and recorded in the history too.
     """
 
     def __init__(
         self, class_names: Sequence[str], iterations_per_epoch: int, history_file: str | os.PathLike | None = None,
-        metric_name: str = "val_mean_dice",
+        metric_name: str = "val_mean_dice", interval_means: IntervalMeans | None = None,
     ) -> None:
+        self.interval_means = interval_means
         self.class_names = list(class_names)
         self.iterations_per_epoch = iterations_per_epoch
         self.history_file = None if history_file is None else Path(history_file)
@@ -78,13 +110,16 @@ class ValidationReport:
         for class_name, value in zip(self.class_names, per_class):
             engine.state.metrics[f"val_dice_{class_name}"] = value
         mean = float(engine.state.metrics[self.metric_name])
-        logger.info("validation Dice (%%) at iteration %d: mean %.2f  %s",
+        translation = self.interval_means.pop() if self.interval_means is not None else {}
+        engine.state.metrics.update({f"val_{key}": value for key, value in translation.items()})
+        logger.info("validation Dice (%%) at iteration %d: mean %.2f  %s%s",
                     engine.state.epoch * self.iterations_per_epoch, 100 * mean,
-                    "  ".join(f"{n} {100 * v:.2f}" for n, v in zip(self.class_names, per_class)))
+                    "  ".join(f"{n} {100 * v:.2f}" for n, v in zip(self.class_names, per_class)),
+                    describe_translation(translation))
         if self.history_file is not None:
-            self._append(engine.state.epoch * self.iterations_per_epoch, mean, per_class)
+            self._append(engine.state.epoch * self.iterations_per_epoch, mean, per_class, translation)
 
-    def _append(self, iteration: int, mean: float, per_class: list[float]) -> None:
+    def _append(self, iteration: int, mean: float, per_class: list[float], translation: dict[str, float]) -> None:
         history = read_history(self.history_file)
         history = [h for h in history if h["iteration"] != iteration]  # a resumed run may validate again
         history.append({
@@ -92,11 +127,19 @@ class ValidationReport:
             "time": time.time(),
             "mean_dice": None if math.isnan(mean) else mean,
             "class_dice": {n: None if math.isnan(v) else v for n, v in zip(self.class_names, per_class)},
+            **({"translation_w1": translation} if translation else {}),
         })
         self.history_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.history_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(sorted(history, key=lambda h: h["iteration"]), indent=1), encoding="utf-8")
         tmp.replace(self.history_file)
+
+
+def describe_translation(distances: dict[str, float]) -> str:
+    """'  |  W1(x_s->t, x_t) 0.08, W1(x_t->s, x_s) 0.10, untranslated W1(x_s, x_t) 0.31' (empty without them)."""
+    names = {"w1_s2t_t": "W1(x_s->t, x_t)", "w1_t2s_s": "W1(x_t->s, x_s)", "w1_s_t": "untranslated W1(x_s, x_t)"}
+    parts = [f"{names[key]} {distances[key]:.3f}" for key in TRANSLATION_KEYS if key in distances]
+    return "  |  " + ", ".join(parts) if parts else ""
 
 
 def read_history(path: str | os.PathLike) -> list[dict]:

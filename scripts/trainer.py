@@ -37,6 +37,7 @@ from torch import nn
 
 from scripts import losses
 from scripts.distributed import average_gradients, broadcast_from_rank_zero, rank
+from scripts.metrics import intensity_distance
 from scripts.networks import Segmenter, frozen
 
 logger = logging.getLogger("dsan")
@@ -139,6 +140,18 @@ class DSANForward:
         return self._maps[name]
 
 
+def translation_distances(f: DSANForward) -> dict[str, torch.Tensor]:
+    """Whether translation moves images toward the other domain, for the translations this iteration computed
+    anyway: ``w1_s2t_t`` = intensity_distance(x_s->t, x_t) and ``w1_t2s_s`` = intensity_distance(x_t->s, x_s),
+    next to ``w1_s_t`` = intensity_distance(x_s, x_t), the distance before translation."""
+    computed = vars(f)  # cached_property keeps each pass computed in the instance's __dict__
+    pairs = {"w1_s2t_t": ("x_s2t", f.x_t), "w1_t2s_s": ("x_t2s", f.x_s)}
+    out = {name: intensity_distance(computed[key], other) for name, (key, other) in pairs.items() if key in computed}
+    if out:
+        out["w1_s_t"] = intensity_distance(f.x_s, f.x_t)
+    return out
+
+
 class WallClockBudget:
     """Ends training at the last validation that fits in ``minutes`` of wall clock (None: no limit), so setups
     of different cost can be compared at equal time: at each epoch end (after its validation), training stops
@@ -235,6 +248,7 @@ class DSANTrainer(Trainer):
         translation_encoder: nn.Module | None = None,
         translated_prediction_discriminators: Sequence[nn.Module] | None = None,
         terms: Sequence[str] = TERMS,
+        source_warmup: int = 0,
         lambda_rec: float = 1.0,
         lambda_adv: float = 0.01,
         lambda_gen: float = 1.0,
@@ -252,6 +266,8 @@ class DSANTrainer(Trainer):
         unknown = sorted(set(terms) - set(TERMS))
         if unknown or not terms:
             raise ValueError(f"terms must be a non-empty subset of {TERMS}, got unknown {unknown}")
+        if source_warmup < 0:
+            raise ValueError(f"source_warmup must be >= 0 iterations, got {source_warmup}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if gan_mode not in losses.GAN_MODES:
@@ -281,6 +297,7 @@ class DSANTrainer(Trainer):
         self.generator_optimizers = (optimizer_seg, optimizer_dec)
         self.discriminator_optimizers = (optimizer_d_image, optimizer_d_pred)
         self.terms = frozenset(terms)
+        self.source_warmup = source_warmup
         self.lambdas = {"rec": lambda_rec, "adv": lambda_adv, "gen": lambda_gen, "seg": lambda_seg,
                         "secadv": lambda_secadv}
         self.gan_mode = gan_mode
@@ -302,6 +319,12 @@ class DSANTrainer(Trainer):
     @property
     def networks(self) -> list[nn.Module]:
         return [self.segmenter, self.translation_encoder, self.decoder_s, self.decoder_t, *self.discriminators]
+
+    @property
+    def active_terms(self) -> frozenset[str]:
+        """The terms of Eq. (12) on at this iteration: Eq. (7) L_seg^s alone for the first ``source_warmup``
+        iterations (E and C_i first learn the labelled source at a source-only iteration's cost), then ``terms``."""
+        return frozenset({"seg_s"}) if self.state.iteration <= self.source_warmup else self.terms
 
     def _autocast(self) -> AbstractContextManager:
         return torch.autocast(torch.device(self.state.device).type, enabled=self.amp)
@@ -336,21 +359,21 @@ class DSANTrainer(Trainer):
 
     def generator_losses(self, f: DSANForward, y_s: torch.Tensor) -> dict[str, torch.Tensor]:
         """Eq. (1)-(12) on the generator side: the terms E, C_i, U_s and U_t minimise."""
-        lam, mode, out = self.lambdas, self.gan_mode, {}
+        lam, mode, out, terms = self.lambdas, self.gan_mode, {}, self.active_terms
         zero = torch.zeros((), device=f.x_s.device)
-        if "gen_t" in self.terms:
+        if "gen_t" in terms:
             out["loss_rec_t"] = losses.reconstruction_loss(f.rec_t, f.x_t)  # Eq. (3)
             out["loss_adv_t"] = losses.image_adversarial_loss(self.image_discriminator_t, f.x_s2t, mode)  # Eq. (1)
             out["loss_gen_t"] = losses.generation_loss(out["loss_rec_t"], out["loss_adv_t"], lam["rec"], lam["adv"])
-        if "gen_s" in self.terms:
+        if "gen_s" in terms:
             out["loss_rec_s"] = losses.reconstruction_loss(f.rec_s, f.x_s)  # Eq. (4)
             out["loss_adv_s"] = losses.image_adversarial_loss(self.image_discriminator_s, f.x_t2s, mode)  # Eq. (2)
             out["loss_gen_s"] = losses.generation_loss(out["loss_rec_s"], out["loss_adv_s"], lam["rec"], lam["adv"])
-        if "seg_s" in self.terms:
+        if "seg_s" in terms:
             out["loss_seg_s"] = self.segmentation_loss(f.logits_s, y_s)  # Eq. (7)
-        if "seg_s2t" in self.terms:
+        if "seg_s2t" in terms:
             out["loss_seg_s2t"] = self.segmentation_loss(f.logits_s2t, y_s)  # Eq. (8)
-        if "adv_sec" in self.terms:
+        if "adv_sec" in terms:
             out["loss_adv_p"] = losses.semantic_adversarial_loss(self.prediction_discriminators, f.maps("t"), mode)
             out["loss_adv_tp"] = losses.semantic_adversarial_loss(
                 self.translated_prediction_discriminators, f.maps("t2s"), mode
@@ -364,12 +387,12 @@ class DSANTrainer(Trainer):
 
     def discriminator_losses(self, f: DSANForward) -> dict[str, torch.Tensor]:
         """The discriminators' side of Eq. (1), (2), (9) and (10), on detached fakes."""
-        mode, out = self.gan_mode, {}
-        if "gen_t" in self.terms:
+        mode, out, terms = self.gan_mode, {}, self.active_terms
+        if "gen_t" in terms:
             out["loss_d_t"] = losses.discriminator_loss(self.image_discriminator_t, f.x_t, f.x_s2t, mode)
-        if "gen_s" in self.terms:
+        if "gen_s" in terms:
             out["loss_d_s"] = losses.discriminator_loss(self.image_discriminator_s, f.x_s, f.x_t2s, mode)
-        if "adv_sec" in self.terms:
+        if "adv_sec" in terms:
             out["loss_d_p"] = losses.semantic_discriminator_loss(
                 self.prediction_discriminators, f.maps("s"), f.maps("t"), mode
             )
@@ -396,4 +419,5 @@ class DSANTrainer(Trainer):
         if d_losses and self._finite(d_losses):
             self._step(sum(d_losses.values()), self.discriminator_optimizers)
         self.grad_scaler.update()
-        return {name: value.detach() for name, value in {**g_losses, **d_losses}.items()}
+        return {**{name: value.detach() for name, value in {**g_losses, **d_losses}.items()},
+                **translation_distances(f)}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from torch import nn
 
 from scripts.data import UnpairedBatches
@@ -118,12 +118,31 @@ def test_output_names_every_loss_term() -> None:
     out = trainer.state.output
     expected = {"loss", "loss_rec_t", "loss_adv_t", "loss_gen_t", "loss_rec_s", "loss_adv_s", "loss_gen_s",
                 "loss_seg_s", "loss_seg_s2t", "loss_adv_p", "loss_adv_tp", "loss_adv_sec",
-                "loss_d_t", "loss_d_s", "loss_d_p", "loss_d_tp"}
+                "loss_d_t", "loss_d_s", "loss_d_p", "loss_d_tp", "w1_s2t_t", "w1_t2s_s", "w1_s_t"}
     assert set(out) == expected
     assert all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
     eq12 = 1.0 * (out["loss_gen_t"] + out["loss_gen_s"]) + 1.0 * (out["loss_seg_s"] + out["loss_seg_s2t"]) \
         + 0.1 * out["loss_adv_sec"]
     torch.testing.assert_close(out["loss"], eq12)
+
+
+def test_source_warmup_trains_the_segmenter_alone_then_every_term() -> None:
+    trainer = make_trainer(source_warmup=2, max_epochs=3)
+    params = optimiser_params(trainer)
+    before = {n: snapshot(ps) for n, ps in params.items()}
+    outputs, unchanged_after_warmup = [], {}
+
+    def record(engine: Engine) -> None:
+        outputs.append(set(engine.state.output))
+        if engine.state.iteration == 2:
+            unchanged_after_warmup.update({n: not any(changed(before[n], params[n])) for n in params})
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
+    trainer.run()
+    assert outputs[:2] == [{"loss", "loss_seg_s"}] * 2
+    assert unchanged_after_warmup == {"seg": False, "dec": True, "d_image": True, "d_pred": True}
+    assert {"loss_adv_sec", "loss_d_t", "w1_s2t_t"} <= outputs[2]  # then the full Eq. (12)
+    assert all(changed(before["d_pred"], params["d_pred"]))
 
 
 def test_source_only_trains_the_segmenter_alone() -> None:
