@@ -57,15 +57,21 @@ TRANSLATION_KEYS = ("w1_s2t_t", "w1_t2s_s", "w1_s_t")
 
 class IntervalMeans:
     """Means of some trainer outputs over each validation interval (by default the translation distances), which
-    ``ValidationReport`` logs next to the Dice: one number per validation instead of one per noisy batch."""
+    ``ValidationReport`` logs next to the Dice: one number per validation instead of one per noisy batch. Also
+    keeps the wall-clock time training started (``started``, this process's start after a resume)."""
 
     def __init__(self, keys: Sequence[str] = TRANSLATION_KEYS) -> None:
         self.keys = list(keys)
+        self.started: float | None = None
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._add)
+
+    def _start(self, engine: Engine) -> None:
+        self.started = time.time()
 
     def _add(self, engine: Engine) -> None:
         for key in self.keys:
@@ -128,11 +134,17 @@ class ValidationReport:
             "mean_dice": None if math.isnan(mean) else mean,
             "class_dice": {n: None if math.isnan(v) else v for n, v in zip(self.class_names, per_class)},
             **({"translation_w1": translation} if translation else {}),
+            **self._elapsed(),
         })
         self.history_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.history_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(sorted(history, key=lambda h: h["iteration"]), indent=1), encoding="utf-8")
         tmp.replace(self.history_file)
+
+
+    def _elapsed(self) -> dict[str, float]:
+        started = None if self.interval_means is None else self.interval_means.started
+        return {} if started is None else {"elapsed_s": round(time.time() - started, 1)}
 
 
 def describe_translation(distances: dict[str, float]) -> str:

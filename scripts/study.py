@@ -13,8 +13,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from functools import partial
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from monai.bundle import run
@@ -139,22 +138,39 @@ def mean_metric(summary: dict, metric: str, key: str) -> float | None:
 
 
 def plot_validation_curves(histories: dict[str, list[dict]], path: Path, title: str) -> Path:
-    """Target validation Dice against iterations for every run (the paper's Fig. 5a)."""
+    """Target validation Dice of every run (the paper's Fig. 5a) and, beside it, how far x_s->t is from x_t
+    (W1 of their intensity histograms; dotted: x_s vs x_t untranslated), against wall-clock minutes where
+    the histories have them (iterations otherwise)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, history in histories.items():
-        points = [(h["iteration"], 100 * h["mean_dice"]) for h in history if h["mean_dice"] is not None]
+    timed = all("elapsed_s" in h for history in histories.values() for h in history)
+
+    def x(h: dict) -> float:
+        return h["elapsed_s"] / 60 if timed else h["iteration"]
+
+    fig, (dice_ax, w1_ax) = plt.subplots(1, 2, figsize=(14, 5))
+    for index, (name, history) in enumerate(histories.items()):
+        colour = f"C{index}"
+        points = [(x(h), 100 * h["mean_dice"]) for h in history if h["mean_dice"] is not None]
         if points:
-            ax.plot(*zip(*points), marker="o", markersize=3, label=SETUPS[name][1])
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("target validation Dice (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            dice_ax.plot(*zip(*points), marker="o", markersize=3, color=colour, label=SETUPS[name][1])
+        translated = [(x(h), h["translation_w1"]) for h in history if "w1_s2t_t" in h.get("translation_w1", {})]
+        if translated:
+            w1_ax.plot([p for p, _ in translated], [w["w1_s2t_t"] for _, w in translated], marker="o",
+                       markersize=3, color=colour, label=f"{SETUPS[name][1]}: x_s->t vs x_t")
+            w1_ax.plot([p for p, _ in translated], [w["w1_s_t"] for _, w in translated], ":", color=colour,
+                       label=f"{SETUPS[name][1]}: x_s vs x_t (untranslated)")
+    for ax, label in ((dice_ax, "target validation Dice (%)"), (w1_ax, "W1 of intensity histograms")):
+        ax.set_xlabel("wall clock (minutes)" if timed else "iteration")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    dice_ax.set_title(title)
+    w1_ax.set_title("translation toward the target domain (lower: closer)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -239,23 +255,23 @@ def study(
             per_setup.append(study_setup(name, out=out_root / name, **common))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        logger.info("study: %d setups, %d side by side in %d thread(s) each; logs in %s/<setup>/train.log",
-                    len(setups), jobs, threads, out_root)
+        # the workers log to their own files: this process says on the console what runs where
+        print(f"study: {len(setups)} setups, {jobs} side by side in {threads} torch thread(s) each; follow them in "
+              f"{out_root}/<setup>/train.log", flush=True)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            per_setup = list(pool.map(partial(study_setup_by_name, out_root=out_root, threads=threads, **common),
-                                      setups))
+            futures = {pool.submit(study_setup, name, out=out_root / name, threads=threads, **common): name
+                       for name in setups}
+            for future in as_completed(futures):
+                print(f"study: {futures[future]} done", flush=True)
+            per_setup = [future.result() for future in futures]
     rows = [row for setup_rows in per_setup for row in setup_rows]
     gap_closure(rows)
     table = study_table(rows, common["class_names"])
     (out_root / "table.md").write_text(table + "\n", encoding="utf-8")
     (out_root / "results.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
     histories = {name: read_history(out_root / name / "validation.json") for name in setups}
+    budget_text = f"{max_minutes:g} min" if max_minutes is not None else f"{max_iterations} iterations"
     plot_validation_curves(histories, out_root / "validation_dice.png",
-                           f"target validation Dice, profile {profile}, {max_iterations} iterations")
+                           f"target validation Dice, profile {profile}, {budget_text}")
     print("\nTarget test Dice (%) and ASD (voxel), best model on target_val of each setup:\n" + table, flush=True)
     return table
-
-
-def study_setup_by_name(name: str, out_root: Path, **kwargs: object) -> list[dict]:
-    """``study_setup`` with the output folder named after the setup (for a process pool's map)."""
-    return study_setup(name, out=out_root / name, **kwargs)

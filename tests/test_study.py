@@ -56,6 +56,10 @@ def test_study_command_writes_the_table_and_the_curves(tiny_dataset, tmp_path) -
     if dice["supervised"] != dice["source_only"]:
         closed = 100 * (dice["full"] - dice["source_only"]) / (dice["supervised"] - dice["source_only"])
         assert rows[3]["gap_closed"] == pytest.approx(closed)
+    histories = {name: json.loads((tmp_path / "study" / name / "validation.json").read_text(encoding="utf-8"))
+                 for name in ("source_only", "full")}
+    assert "translation_w1" in histories["full"][-1] and "translation_w1" not in histories["source_only"][-1]
+    assert all(h["elapsed_s"] >= 0 for history in histories.values() for h in history)
     for name in ("source_only", "full", "supervised"):  # side by side: each setup logged to its own file
         log = (tmp_path / "study" / name / "train.log").read_text(encoding="utf-8")
         assert "budget mark 0 min" in log
