@@ -141,7 +141,6 @@ class ValidationReport:
         tmp.write_text(json.dumps(sorted(history, key=lambda h: h["iteration"]), indent=1), encoding="utf-8")
         tmp.replace(self.history_file)
 
-
     def _elapsed(self) -> dict[str, float]:
         started = None if self.interval_means is None else self.interval_means.started
         return {} if started is None else {"elapsed_s": round(time.time() - started, 1)}

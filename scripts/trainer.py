@@ -193,6 +193,9 @@ class WallClockBudget:
     def _keep_best_model(self, mark: float, iteration: int, elapsed: float) -> None:
         if rank() != 0:  # only rank 0 saves the best model
             return
+        if not self.best_model.is_file():  # no validation has given a finite Dice yet
+            logger.warning("budget mark %g min: no best model yet (%s), nothing kept", mark, self.best_model)
+            return
         snapshot = self.best_model.with_name(f"model_{mark:g}min.pt")
         shutil.copyfile(self.best_model, snapshot)
         record_file = self.best_model.with_name("budget_marks.json")
