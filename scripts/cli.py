@@ -9,6 +9,7 @@ import fire
 from scripts import benchmark
 from scripts.prepare import PrepareCommand
 from scripts.study import study
+from scripts.translation_check import translation_check
 
 
 class BenchmarkCommand:
@@ -30,4 +31,5 @@ class BenchmarkCommand:
 
 
 def main() -> None:
-    fire.Fire({"benchmark": BenchmarkCommand(), "prepare": PrepareCommand(), "study": study})
+    fire.Fire({"benchmark": BenchmarkCommand(), "prepare": PrepareCommand(), "study": study,
+               "translation_check": translation_check})

@@ -28,7 +28,7 @@ import torch
 from monai.metrics.utils import get_mask_edges, get_surface_distance
 
 __all__ = ["METRIC_NAMES", "average_surface_distance", "class_metrics", "dice", "hausdorff_distance",
-           "intensity_distance", "surface_distances", "surface_metrics"]
+           "class_intensity_sums", "intensity_distance", "surface_distances", "surface_metrics"]
 
 # the per-class values that class_metrics returns, in the order of the evaluation CSV's columns
 METRIC_NAMES = ("dice", "asd_voxel", "asd_mm", "hd_mm", "hd95_mm")
@@ -140,3 +140,13 @@ def intensity_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.numel() != b.numel():
         raise ValueError(f"intensity_distance needs batches of equal size, got {a.numel()} and {b.numel()} values")
     return (a.detach().flatten().float().sort().values - b.detach().flatten().float().sort().values).abs().mean()
+
+
+def class_intensity_sums(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, 2): sum of the intensities of ``images`` under each class of ``labels`` and the pixel count,
+    to be accumulated over batches and divided into per-class mean intensities."""
+    labels = labels.reshape(-1).long()
+    values = images.detach().reshape(-1).float()
+    sums = torch.zeros(num_classes).index_add_(0, labels, values)
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return torch.stack([sums, counts], dim=1)

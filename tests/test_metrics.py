@@ -14,9 +14,11 @@ from scipy import ndimage
 
 from scripts.metrics import (
     average_surface_distance,
+    class_intensity_sums,
     class_metrics,
     dice,
     hausdorff_distance,
+    intensity_distance,
     surface_distances,
     surface_metrics,
 )
@@ -194,3 +196,19 @@ def test_class_metrics_per_class_with_units(shifted_cubes) -> None:
     assert scores[3]["dice"] == 0.0 and scores[3]["asd_mm"] == math.inf and scores[3]["hd95_mm"] == math.inf
     with pytest.raises(ValueError, match="shape"):
         class_metrics(pred, label[:-1], num_classes=4, spacing=(1.0, 1.0, 1.0))
+
+
+def test_intensity_distance_is_the_w1_distance_of_the_histograms() -> None:
+    a = torch.linspace(-1, 1, 101)
+    assert float(intensity_distance(a, a[torch.randperm(101)])) == pytest.approx(0.0)  # order does not matter
+    assert float(intensity_distance(a, a + 0.25)) == pytest.approx(0.25)  # a shift moves every quantile
+    assert float(intensity_distance(torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4))) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="equal size"):
+        intensity_distance(torch.zeros(3), torch.zeros(4))
+
+
+def test_class_intensity_sums_give_per_class_means() -> None:
+    images = torch.tensor([[0.5, 0.5, -1.0], [1.0, 0.0, 0.0]])
+    labels = torch.tensor([[1, 1, 0], [2, 0, 0]])
+    totals = class_intensity_sums(images, labels, num_classes=4)
+    assert totals.tolist() == [[-1.0, 3.0], [1.0, 2.0], [1.0, 1.0], [0.0, 0.0]]

@@ -7,8 +7,10 @@ import json
 import pytest
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.utils import set_determinism
 
 from scripts.study import SETUPS, config_files, gap_closure, study
+from scripts.translation_check import translation_check
 from tests.conftest import TINY
 
 
@@ -91,6 +93,7 @@ def losses_of_a_run(bundle_root, dataset_dir, out, iterations: int) -> list[dict
         max_iterations=iterations, val_interval=iterations, **TINY)
     workflow.initialize()
     history = []
+    set_determinism(seed=0)  # the networks are built here, before the run list's own set_determinism
     trainer = workflow.parser.get_parsed_content("train#trainer")
     trainer.add_event_handler(Events.ITERATION_COMPLETED,
                               lambda engine: history.append({k: float(v) for k, v in engine.state.output.items()}))
@@ -107,3 +110,19 @@ def test_same_seed_gives_the_same_losses_on_cpu(bundle_root, tiny_dataset, tmp_p
         for name in a:
             assert a[name] == pytest.approx(b[name], abs=1e-6), f"iteration {it}, {name}"
     assert first[0]["loss"] != first[-1]["loss"]  # it trained
+
+
+def test_translation_check_reports_per_class_intensities_of_a_trained_run(tiny_dataset, tmp_path) -> None:
+    study(setups=["full"], profile="demo", max_iterations=2, val_interval=1, output_dir=tmp_path / "study",
+          dataset_dir=str(tiny_dataset.parent), prepare_dataset="$lambda: None", **TINY)
+    table = translation_check(tmp_path / "study" / "full", profile="demo", setup="full",
+                              dataset_dir=str(tiny_dataset.parent), **TINY)
+    rows = {line.split(" | ")[0].strip("| "): [float(v) for v in line.strip("| ").split(" | ")[1:]]
+            for line in table.splitlines()[4:]}
+    assert list(rows) == ["background", "AA", "LAC", "LVC", "MYO"]
+    assert "checkpoint_epoch=2.pt" in table.splitlines()[0]
+    for x_s, x_t, x_s2t, gap_translated, gap_untranslated in rows.values():
+        assert all(-1.0 <= v <= 1.0 for v in (x_s, x_t, x_s2t))  # images in [-1, 1], U_t ends in tanh
+        assert gap_translated == pytest.approx(abs(x_s2t - x_t), abs=2e-3)
+        assert gap_untranslated == pytest.approx(abs(x_s - x_t), abs=2e-3)
+    assert rows["MYO"][0] < 0 < rows["MYO"][1]  # the phantom's myocardium: dark in the source, bright in the target
