@@ -147,6 +147,6 @@ def class_intensity_sums(images: torch.Tensor, labels: torch.Tensor, num_classes
     to be accumulated over batches and divided into per-class mean intensities."""
     labels = labels.reshape(-1).long()
     values = images.detach().reshape(-1).float()
-    sums = torch.zeros(num_classes).index_add_(0, labels, values)
+    sums = torch.zeros(num_classes, device=values.device).index_add_(0, labels, values)
     counts = torch.bincount(labels, minlength=num_classes).float()
     return torch.stack([sums, counts], dim=1)

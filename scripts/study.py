@@ -110,8 +110,8 @@ def gap_closure(rows: list[dict]) -> None:
     (Dice - source-only) / (supervised - source-only), the share of the no-adaptation-to-upper-bound gap."""
     dice = {(r["setup"], r["budget"]): r["dice"].get("average") for r in rows}
     for r in rows:
-        low, high, own = dice.get(("source_only", r["budget"])), dice.get(("supervised", r["budget"])), dice[
-            (r["setup"], r["budget"])]
+        low, high = dice.get(("source_only", r["budget"])), dice.get(("supervised", r["budget"]))
+        own = dice[(r["setup"], r["budget"])]
         usable = None not in (low, high, own) and high != low
         r["gap_closed"] = 100 * (own - low) / (high - low) if usable else None
 

@@ -29,16 +29,20 @@ def _slices(volume: torch.Tensor) -> torch.Tensor:
 
 
 def _class_means(parser: ConfigParser, split: str, translate: Callable | None = None) -> torch.Tensor:
-    """Mean image intensity per class over every slice of a split (after ``translate``, if given)."""
+    """(num_classes, 1 or 2) mean image intensity per class over every slice of a split: of the images, and
+    with ``translate`` also of their translations (each volume read once, translated ``batch_size`` slices at a
+    time)."""
     transform = Compose(parser.get_parsed_content("preprocessing"))
-    num_classes = parser.get_parsed_content("num_classes")
-    totals = torch.zeros(num_classes, 2)
+    num_classes, batch_size = parser.get_parsed_content("num_classes"), parser.get_parsed_content("batch_size")
+    totals = torch.zeros(num_classes, 2, 1 if translate is None else 2)
     for entry in read_split(parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir"), split):
         item = transform(entry)
         images, labels = _slices(item["image"]), _slices(item["label"])
-        with torch.no_grad():
-            images = images if translate is None else translate(images)
-        totals += class_intensity_sums(images, labels, num_classes)
+        totals[..., 0] += class_intensity_sums(images, labels, num_classes)
+        if translate is not None:
+            with torch.no_grad():
+                translated = torch.cat([translate(batch) for batch in images.split(batch_size)])
+            totals[..., 1] += class_intensity_sums(translated, labels, num_classes)
     return totals[:, 0] / totals[:, 1].clamp(min=1)
 
 
@@ -58,9 +62,8 @@ def translation_check(run_dir: str | os.PathLike, profile: str = "demo", setup: 
     decoder.load_state_dict(state["decoder_t"])
     encoder.eval()
     decoder.eval()
-    source = _class_means(parser, "source_train")
-    target = _class_means(parser, "target_train_labels")
-    translated = _class_means(parser, "source_train", lambda x: decoder(encoder(x)[1]))
+    source, translated = _class_means(parser, "source_train", lambda x: decoder(encoder(x)[1])).unbind(1)
+    target = _class_means(parser, "target_train_labels")[:, 0]
     names = ["background", *parser.get_parsed_content("class_names")]
     lines = [f"checkpoint: {checkpoint}", "",
              "| class | x_s | x_t | x_s->t | abs(x_s->t - x_t) | abs(x_s - x_t) |", "|---|---|---|---|---|---|"]
