@@ -259,6 +259,21 @@ def set_requires_grad(modules: Iterable[nn.Module], flag: bool) -> None:
 
 
 @contextmanager
+def running_stats_kept(module: nn.Module, keep: bool = True) -> Iterator[None]:
+    """Within the block (if ``keep``), the module's batch-norm layers still normalise with batch statistics in
+    training mode but leave their running statistics, the ones evaluation uses, unchanged (momentum 0)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if keep else []
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
+
+@contextmanager
 def frozen(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Within the block, the modules' parameters take no gradient (e.g. the discriminators during the
     generator step); they are unfrozen afterwards even if the block raises."""

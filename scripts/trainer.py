@@ -38,7 +38,7 @@ from torch import nn
 from scripts import losses
 from scripts.distributed import average_gradients, broadcast_from_rank_zero, rank
 from scripts.metrics import intensity_distance
-from scripts.networks import Segmenter, frozen
+from scripts.networks import Segmenter, frozen, running_stats_kept
 
 logger = logging.getLogger("dsan")
 
@@ -47,6 +47,9 @@ TERMS = ("gen_t", "gen_s", "seg_s", "seg_s2t", "adv_sec")
 
 
 NONFINITE_POLICIES = ("stop", "skip")
+
+RUNNING_STATS = ("all", "target")
+"""Which passes of E update its batch-norm running statistics (``DSANTrainer`` docstring)."""
 
 
 class NonFiniteLossError(SystemExit):
@@ -79,16 +82,22 @@ class DSANForward:
             return seg_features()[1]
         return self.net.translation_encoder(x)[1]
 
+    def _encode(self, x: torch.Tensor, target_pass: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """E(x); under ``running_stats: target`` only the pass on x_t updates E's running statistics."""
+        keep = self.net.running_stats_follow_target and not target_pass
+        with running_stats_kept(self.net.segmenter.encoder, keep):
+            return self.net.segmenter.encoder(x)
+
     def _levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.net.segmenter.classify(self.net.segmenter.encoder(x))
+        return self.net.segmenter.classify(self._encode(x))
 
     @cached_property
     def features_s(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.net.segmenter.encoder(self.x_s)
+        return self._encode(self.x_s)
 
     @cached_property
     def features_t(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.net.segmenter.encoder(self.x_t)
+        return self._encode(self.x_t, target_pass=True)
 
     @cached_property
     def z_s(self) -> torch.Tensor:
@@ -229,6 +238,12 @@ class DSANTrainer(Trainer):
     0's batch-norm statistics before each iteration, and steps on gradients averaged over the ranks
     (``scripts.distributed``), as DistributedDataParallel would. The engine output is a flat dict
     with one key per loss term (``loss`` is Eq. (12); ``loss_d_*`` are the discriminators' losses).
+
+    ``running_stats`` (the paper is silent): in training, every pass of E normalises with its own batch's
+    statistics; the running statistics that evaluation uses are updated by every pass ("all": x_s, x_t,
+    x_s->t, x_t->s mixed, PyTorch's default) or by the x_t pass alone ("target": the deployed target segmenter
+    then normalises test images as it normalised target batches in training; iterations without an x_t pass,
+    such as the source warm-up, still update them from their passes). docs/budget.md measures both.
     """
 
     def __init__(
@@ -260,6 +275,7 @@ class DSANTrainer(Trainer):
         gan_mode: str = "lsgan",
         detach_translations: bool = True,
         nonfinite: str = "stop",
+        running_stats: str = "all",
         amp: bool = False,
         channels_last: bool = False,
         non_blocking: bool = False,
@@ -273,6 +289,8 @@ class DSANTrainer(Trainer):
             raise ValueError(f"source_warmup must be >= 0 iterations, got {source_warmup}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if running_stats not in RUNNING_STATS:
+            raise ValueError(f"running_stats must be one of {RUNNING_STATS}, got {running_stats!r}")
         if gan_mode not in losses.GAN_MODES:
             raise ValueError(f"gan_mode must be one of {losses.GAN_MODES}, got {gan_mode!r}")
         super().__init__(
@@ -306,6 +324,7 @@ class DSANTrainer(Trainer):
         self.gan_mode = gan_mode
         self.detach_translations = detach_translations
         self.nonfinite = nonfinite
+        self.running_stats = running_stats
         self.skipped_steps = 0
         self.channels_last = channels_last
         self.grad_scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp)
@@ -328,6 +347,16 @@ class DSANTrainer(Trainer):
         """The terms of Eq. (12) on at this iteration: Eq. (7) L_seg^s alone for the first ``source_warmup``
         iterations (E and C_i first learn the labelled source at a source-only iteration's cost), then ``terms``."""
         return frozenset({"seg_s"}) if self.state.iteration <= self.source_warmup else self.terms
+
+    @property
+    def running_stats_follow_target(self) -> bool:
+        """True when E's running statistics come from the x_t pass alone at this iteration: ``running_stats``
+        is "target" and an active term passes x_t through E (L_adv^sec, or L_gen when U reads this E)."""
+        if self.running_stats != "target":
+            return False
+        shared = self.translation_encoder is self.segmenter.encoder
+        target_terms = {"adv_sec", "gen_t", "gen_s"} if shared else {"adv_sec"}
+        return bool(self.active_terms & target_terms)
 
     def _autocast(self) -> AbstractContextManager:
         return torch.autocast(torch.device(self.state.device).type, enabled=self.amp)

@@ -157,6 +157,32 @@ def test_source_only_trains_the_segmenter_alone() -> None:
         assert not any(changed(before[name], params[name])), name
 
 
+def stem_batch_mean(trainer: DSANTrainer, image: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean of E's first convolution on ``image``: what E's first batch norm sees."""
+    with torch.no_grad():
+        return trainer.segmenter.encoder.conv1(image).mean(dim=(0, 2, 3))
+
+
+@pytest.mark.parametrize("running_stats,terms,tracked", [
+    ("target", None, "target"),  # only the x_t pass updates the running statistics
+    ("all", None, "other"),  # the last pass (a translated batch) wrote them last
+    ("target", ["seg_s"], "source"),  # no x_t pass this iteration: x_s updates them, evaluation keeps working
+])
+def test_running_statistics_follow_the_chosen_passes(running_stats: str, terms: list | None, tracked: str) -> None:
+    trainer = make_trainer(running_stats=running_stats, **({"terms": terms} if terms else {}))
+    for m in trainer.segmenter.encoder.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 1.0  # running statistics = those of the last batch that updated them
+    batch = next(iter(batches()))
+    source_mean = stem_batch_mean(trainer, batch["source_image"])
+    target_mean = stem_batch_mean(trainer, batch["target_image"])
+    trainer.run()
+    running = trainer.segmenter.encoder.bn1.running_mean
+    assert torch.allclose(running, target_mean, atol=1e-6) == (tracked == "target")
+    assert torch.allclose(running, source_mean, atol=1e-6) == (tracked == "source")
+    assert trainer.segmenter.encoder.bn1.momentum == 1.0  # restored after each pass
+
+
 @pytest.mark.parametrize("variant", ["shared_decoders", "unshared_encoders", "unshared_discriminators"])
 def test_table_v_variants_train(variant: str) -> None:
     trainer = make_trainer(**{variant: True})
@@ -181,6 +207,7 @@ def test_bce_gan_mode_runs() -> None:
     ({"terms": ["seg_s", "gen_x"]}, "terms must be"),
     ({"terms": []}, "terms must be"),
     ({"gan_mode": "wgan"}, "gan_mode"),
+    ({"running_stats": "source"}, "running_stats"),
 ])
 def test_bad_settings_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
