@@ -8,6 +8,7 @@ import fire
 
 from scripts import benchmark
 from scripts.prepare import PrepareCommand
+from scripts.recalibration import recalibrate
 from scripts.study import study
 from scripts.translation_check import translation_check
 
@@ -31,5 +32,5 @@ class BenchmarkCommand:
 
 
 def main() -> None:
-    fire.Fire({"benchmark": BenchmarkCommand(), "prepare": PrepareCommand(), "study": study,
+    fire.Fire({"benchmark": BenchmarkCommand(), "prepare": PrepareCommand(), "recalibrate": recalibrate, "study": study,
                "translation_check": translation_check})

@@ -59,6 +59,11 @@ def read_split(datalist: str | os.PathLike, dataset_dir: str | os.PathLike, spli
     return load_decathlon_datalist(str(datalist), is_segmentation=True, data_list_key=split, base_dir=dataset_dir)
 
 
+def volume_slices(volume: torch.Tensor) -> torch.Tensor:
+    """(1, H, W, D) -> (D, 1, H, W): a preprocessed volume as the 2D slices the networks see."""
+    return torch.as_tensor(volume).permute(3, 0, 1, 2).float()
+
+
 class UnpairedBatches:
     """An endless stream of unpaired training batches: each item holds a labelled source batch and an
     unlabelled target batch drawn independently, as DSAN's iteration needs.

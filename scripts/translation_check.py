@@ -18,14 +18,9 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
 from scripts.checkpoints import latest_checkpoint
-from scripts.data import read_split
+from scripts.data import read_split, volume_slices
 from scripts.metrics import class_intensity_sums
 from scripts.study import BUNDLE_ROOT, config_files
-
-
-def _slices(volume: torch.Tensor) -> torch.Tensor:
-    """(1, H, W, D) -> (D, 1, H, W): the 2D slices the networks see."""
-    return torch.as_tensor(volume).permute(3, 0, 1, 2).float()
 
 
 def _class_means(parser: ConfigParser, split: str, translate: Callable | None = None) -> torch.Tensor:
@@ -37,7 +32,7 @@ def _class_means(parser: ConfigParser, split: str, translate: Callable | None = 
     totals = torch.zeros(num_classes, 2, 1 if translate is None else 2)
     for entry in read_split(parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir"), split):
         item = transform(entry)
-        images, labels = _slices(item["image"]), _slices(item["label"])
+        images, labels = volume_slices(item["image"]), volume_slices(item["label"])
         totals[..., 0] += class_intensity_sums(images, labels, num_classes)
         if translate is not None:
             with torch.no_grad():

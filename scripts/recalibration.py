@@ -1,0 +1,61 @@
+"""Batch-norm running statistics re-estimated on one domain's images (AdaBN, Li et al. 2016): a reference for
+how much of an adapted model's gain a source-only model would get from target statistics alone, without any
+adaptation in training. docs/budget.md uses it beside ``running_stats: target``.
+
+    python -m scripts recalibrate runs/budget/source_only/model.pt runs/source_only_adabn.pt --split target_train
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
+from torch import nn
+
+from scripts.data import read_split, volume_slices
+from scripts.study import BUNDLE_ROOT, config_files
+
+
+def reestimate_running_stats(network: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Replace the running statistics of every batch norm of ``network`` by their plain average over ``batches``
+    (a forward pass each, no weight changes); the network is left in eval mode. Returns the number of batches."""
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    network.train()
+    count = 0
+    with torch.no_grad():
+        for batch in batches:
+            network(batch)
+            count += 1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    network.eval()
+    if count == 0:
+        raise ValueError("no batches to estimate the running statistics from")
+    return count
+
+
+def recalibrate(model: str | os.PathLike, output: str | os.PathLike, split: str = "target_train",
+                profile: str = "demo", **overrides: object) -> str:
+    """Write ``model`` (a segmenter state dict, e.g. a best model.pt) to ``output`` with its batch-norm running
+    statistics re-estimated over every slice of the datalist split ``split``, ``batch_size`` slices at a time."""
+    parser = ConfigParser()
+    parser.read_config(config_files(profile, "full"))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "device": "$torch.device('cpu')", **overrides})
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(model, map_location="cpu", weights_only=True))
+    transform = Compose(parser.get_parsed_content("preprocessing"))
+    batch_size = parser.get_parsed_content("batch_size")
+    entries = read_split(parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir"), split)
+    batches = (batch for entry in entries for batch in volume_slices(transform(entry)["image"]).split(batch_size))
+    count = reestimate_running_stats(network, batches)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), output)
+    return f"{output}: running statistics of {model} re-estimated on {split} ({len(entries)} volumes, {count} batches)"
