@@ -20,6 +20,7 @@ from monai.transforms import Compose
 from scripts.checkpoints import latest_checkpoint
 from scripts.data import read_split, volume_slices
 from scripts.metrics import class_intensity_sums
+from scripts.networks import running_stats_kept
 from scripts.study import BUNDLE_ROOT, config_files
 
 
@@ -55,9 +56,12 @@ def translation_check(run_dir: str | os.PathLike, profile: str = "demo", setup: 
     encoder, decoder = parser.get_parsed_content("translation_encoder"), parser.get_parsed_content("decoder_t")
     encoder.load_state_dict(state["translation_encoder"])
     decoder.load_state_dict(state["decoder_t"])
-    encoder.eval()
+    # E normalises x_s with batch statistics, as in the training passes that make x_s->t (its running statistics
+    # may follow another domain: running_stats); nothing is written back
+    encoder.train()
     decoder.eval()
-    source, translated = _class_means(parser, "source_train", lambda x: decoder(encoder(x)[1])).unbind(1)
+    with running_stats_kept(encoder):
+        source, translated = _class_means(parser, "source_train", lambda x: decoder(encoder(x)[1])).unbind(1)
     target = _class_means(parser, "target_train_labels")[:, 0]
     names = ["background", *parser.get_parsed_content("class_names")]
     lines = [f"checkpoint: {checkpoint}", "",
