@@ -36,9 +36,9 @@ SETUPS = {
     "variant_unshared_discriminators": ("configs/variant_unshared_discriminators.yaml", "unshared discriminators"),
     "supervised": ("configs/supervised.yaml", "supervised on target (upper bound)"),
     "pretrained_encoder": ("configs/pretrained_encoder.yaml", "full DSAN, ResNet-50-initialised encoder"),
-    "short_budget": ("configs/short_budget.yaml", "full DSAN, short-budget settings (docs/budget.md)"),
+    "short_budget": ("configs/short_budget.yaml", "full DSAN, running_stats: target (short-budget profile)"),
 }
-# the paper's study: not pretrained_encoder (needs a local weight file) nor short_budget (not the paper's settings)
+# the paper's study: not pretrained_encoder (needs a local weight file) nor short_budget (a choice not the paper's)
 DEFAULT_SETUPS = [name for name in SETUPS if name not in ("pretrained_encoder", "short_budget")]
 
 
