@@ -259,18 +259,29 @@ def set_requires_grad(modules: Iterable[nn.Module], flag: bool) -> None:
 
 
 @contextmanager
+def batch_norm_momentum(module: nn.Module, momentum: float | None) -> Iterator[list[nn.Module]]:
+    """Within the block, every batch-norm layer of ``module`` (yielded) updates its running statistics with
+    ``momentum`` (0: not at all; None: cumulative average); each layer's own momentum is restored afterwards."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = momentum
+    try:
+        yield norms
+    finally:
+        for m, own in zip(norms, saved):
+            m.momentum = own
+
+
+@contextmanager
 def running_stats_kept(module: nn.Module, keep: bool = True) -> Iterator[None]:
     """Within the block (if ``keep``), the module's batch-norm layers still normalise with batch statistics in
-    training mode but leave their running statistics, the ones evaluation uses, unchanged (momentum 0)."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if keep else []
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
+    training mode but leave their running statistics, the ones evaluation uses, unchanged."""
+    if not keep:
         yield
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
+        return
+    with batch_norm_momentum(module, 0.0):
+        yield
 
 
 @contextmanager

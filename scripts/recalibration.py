@@ -17,25 +17,21 @@ from monai.transforms import Compose
 from torch import nn
 
 from scripts.data import read_split, volume_slices
+from scripts.networks import batch_norm_momentum
 from scripts.study import BUNDLE_ROOT, config_files
 
 
 def reestimate_running_stats(network: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Replace the running statistics of every batch norm of ``network`` by their plain average over ``batches``
     (a forward pass each, no weight changes); the network is left in eval mode. Returns the number of batches."""
-    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches
-    network.train()
     count = 0
-    with torch.no_grad():
+    with batch_norm_momentum(network, None) as norms, torch.no_grad():
+        for m in norms:
+            m.reset_running_stats()
+        network.train()
         for batch in batches:
             network(batch)
             count += 1
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
     network.eval()
     if count == 0:
         raise ValueError("no batches to estimate the running statistics from")
