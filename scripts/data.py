@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,12 @@ def read_split(datalist: str | os.PathLike, dataset_dir: str | os.PathLike, spli
     return load_decathlon_datalist(str(datalist), is_segmentation=True, data_list_key=split, base_dir=dataset_dir)
 
 
-def volume_slices(volume: torch.Tensor) -> torch.Tensor:
-    """(1, H, W, D) -> (D, 1, H, W): a preprocessed volume as the 2D slices the networks see."""
-    return torch.as_tensor(volume).permute(3, 0, 1, 2).float()
+def preprocessed_slices(entries: Iterable[dict], transform: Callable) -> Iterator[dict[str, torch.Tensor]]:
+    """Each datalist entry preprocessed by ``transform``, one at a time: its image (and label, if it has one) as
+    the (D, 1, H, W) 2D slices the networks see."""
+    for entry in entries:
+        item = transform(entry)
+        yield {key: torch.as_tensor(item[key]).permute(3, 0, 1, 2).float() for key in ("image", "label") if key in item}
 
 
 class UnpairedBatches:

@@ -12,13 +12,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from torch import nn
 
-from scripts.data import read_split, volume_slices
+from scripts.data import preprocessed_slices, read_split
 from scripts.networks import batch_norm_momentum
-from scripts.study import BUNDLE_ROOT, config_files
+from scripts.study import bundle_config
 
 
 def reestimate_running_stats(network: nn.Module, batches: Iterable[torch.Tensor]) -> int:
@@ -42,15 +41,13 @@ def recalibrate(model: str | os.PathLike, output: str | os.PathLike, split: str 
                 profile: str = "demo", **overrides: object) -> str:
     """Write ``model`` (a segmenter state dict, e.g. a best model.pt) to ``output`` with its batch-norm running
     statistics re-estimated over every slice of the datalist split ``split``, ``batch_size`` slices at a time."""
-    parser = ConfigParser()
-    parser.read_config(config_files(profile, "full"))
-    parser.update({"bundle_root": str(BUNDLE_ROOT), "device": "$torch.device('cpu')", **overrides})
+    parser = bundle_config(profile, "full", **{"device": "$torch.device('cpu')", **overrides})
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(model, map_location="cpu", weights_only=True))
     transform = Compose(parser.get_parsed_content("preprocessing"))
     batch_size = parser.get_parsed_content("batch_size")
     entries = read_split(parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir"), split)
-    batches = (batch for entry in entries for batch in volume_slices(transform(entry)["image"]).split(batch_size))
+    batches = (batch for item in preprocessed_slices(entries, transform) for batch in item["image"].split(batch_size))
     count = reestimate_running_stats(network, batches)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), output)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from monai.bundle import run
+from monai.bundle import ConfigParser, run
 
 from scripts.reporting import format_duration, read_history
 
@@ -45,6 +45,15 @@ DEFAULT_SETUPS = [name for name in SETUPS if name not in ("pretrained_encoder", 
 def config_files(profile: str, setup: str) -> list[str]:
     override = SETUPS[setup][0]
     return [str(BUNDLE_ROOT / f) for f in ["configs/train.yaml", *PROFILES[profile], *([override] if override else [])]]
+
+
+def bundle_config(profile: str, setup: str, **overrides: object) -> ConfigParser:
+    """The config of one setup (train.yaml, the profile's and the setup's override files) rooted at this bundle,
+    with ``overrides`` applied."""
+    parser = ConfigParser()
+    parser.read_config(config_files(profile, setup))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), **overrides})
+    return parser
 
 
 def train_setup(setup: str, profile: str, out: Path, budget: dict) -> float:
@@ -82,11 +91,7 @@ def evaluate_setup(profile: str, setup: str, out: Path, model: Path, datalist: P
                    overrides: dict) -> dict:
     """Segment the target test volumes with ``model`` (a best model selected on target_val) and score them in
     ``<out>/test_<model name>``."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(config_files(profile, setup))
-    parser.update(overrides)
+    parser = bundle_config(profile, setup, **overrides)
     network = {k: parser.get(k) for k in ("encoder_width", "num_classes", "slice_axcodes")}
     test = json.loads(datalist.read_text(encoding="utf-8"))["target_test"]
     images = link_split(test, "image", dataset_dir, out / "test_images")
@@ -243,11 +248,7 @@ def study(
     data = {k: v for k, v in (("dataset_dir", dataset_dir), ("datalist", datalist)) if v is not None}
     budget.update(data)
     budget.update(overrides)
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(config_files(profile, "full"))
-    parser.update({"bundle_root": str(BUNDLE_ROOT), **data})
+    parser = bundle_config(profile, "full", **data)
     common = {"profile": profile, "budget": budget, "data_root": Path(parser.get_parsed_content("dataset_dir")),
               "datalist": Path(parser.get_parsed_content("datalist")),
               "class_names": parser.get_parsed_content("class_names"), "overrides": {**data, **overrides}}

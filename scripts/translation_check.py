@@ -18,10 +18,10 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
 from scripts.checkpoints import latest_checkpoint
-from scripts.data import read_split, volume_slices
+from scripts.data import preprocessed_slices, read_split
 from scripts.metrics import class_intensity_sums
 from scripts.networks import running_stats_kept
-from scripts.study import BUNDLE_ROOT, config_files
+from scripts.study import bundle_config
 
 
 def _class_means(parser: ConfigParser, split: str, translate: Callable | None = None) -> torch.Tensor:
@@ -31,9 +31,9 @@ def _class_means(parser: ConfigParser, split: str, translate: Callable | None = 
     transform = Compose(parser.get_parsed_content("preprocessing"))
     num_classes, batch_size = parser.get_parsed_content("num_classes"), parser.get_parsed_content("batch_size")
     totals = torch.zeros(num_classes, 2, 1 if translate is None else 2)
-    for entry in read_split(parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir"), split):
-        item = transform(entry)
-        images, labels = volume_slices(item["image"]), volume_slices(item["label"])
+    entries = read_split(parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir"), split)
+    for item in preprocessed_slices(entries, transform):
+        images, labels = item["image"], item["label"]
         totals[..., 0] += class_intensity_sums(images, labels, num_classes)
         if translate is not None:
             with torch.no_grad():
@@ -46,9 +46,7 @@ def translation_check(run_dir: str | os.PathLike, profile: str = "demo", setup: 
                       **overrides: object) -> str:
     """Markdown table: per class, the mean intensity of x_s, x_t and x_s->t (the latest checkpoint in ``run_dir``),
     and how far x_s->t is from x_t, against how far x_s is."""
-    parser = ConfigParser()
-    parser.read_config(config_files(profile, setup))
-    parser.update({"bundle_root": str(BUNDLE_ROOT), "device": "$torch.device('cpu')", **overrides})
+    parser = bundle_config(profile, setup, **{"device": "$torch.device('cpu')", **overrides})
     checkpoint = latest_checkpoint(Path(run_dir))
     if checkpoint is None:
         raise SystemExit(f"ERROR: no checkpoint_epoch=N.pt in {run_dir}")
