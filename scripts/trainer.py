@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.engines import Trainer
+from monai.engines import Trainer, Workflow
 from torch import nn
 
 from scripts import losses
@@ -68,14 +68,59 @@ def prepare_unpaired_batch(
     return to_device(batch["source_image"]), to_device(batch["source_label"]), to_device(batch["target_image"])
 
 
+GENERATOR_PASSES = {
+    "gen_t": ("rec_t", "x_s2t"),
+    "gen_s": ("rec_s", "x_t2s"),
+    "seg_s": ("logits_s",),
+    "seg_s2t": ("logits_s2t",),
+    "adv_sec": ("logits_t", "logits_t2s"),
+}
+"""The forward passes each term of Eq. (12) reads in the generator step, in the order they run."""
+
+DISCRIMINATOR_PASSES = {
+    "gen_t": ("x_s2t",),
+    "gen_s": ("x_t2s",),
+    "adv_sec": ("logits_s", "logits_t", "logits_s2t", "logits_t2s"),
+}
+"""The forward passes the discriminator step reads (Eq. (1), (2), (9), (10)) for each term that is on."""
+
+
+def planned_passes(terms: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(passes the generator step needs, passes only the discriminator step needs), each in running order,
+    for the active ``terms``: an ablation that drops a term also skips the passes only that term needed."""
+    ordered = [term for term in TERMS if term in set(terms)]
+    generator = list(dict.fromkeys(p for term in ordered for p in GENERATOR_PASSES[term]))
+    discriminator = [p for p in dict.fromkeys(p for term in ordered for p in DISCRIMINATOR_PASSES.get(term, ()))
+                     if p not in generator]
+    return generator, discriminator
+
+
+class forward_pass(cached_property):  # noqa: N801 (a decorator, named like the cached_property it extends)
+    """A pass of ``DSANForward``: computed once, and only while the forward is not yet sealed, so every pass of
+    an iteration runs where ``DSANTrainer._iteration`` plans it and none is computed later on first use."""
+
+    def __get__(self, instance: DSANForward | None, owner: type | None = None) -> Any:
+        if instance is not None and instance.sealed and self.attrname not in instance.__dict__:
+            raise RuntimeError(f"forward pass {self.attrname!r} was not planned for this iteration")
+        return super().__get__(instance, owner)
+
+
 class DSANForward:
-    """The forward passes of one iteration, each computed on first use and then reused, so an
-    ablation that drops a term also skips the passes only that term needed."""
+    """The forward passes of one iteration. ``run(passes)`` computes the named passes (and the passes they
+    read) in order; ``seal()`` then forbids any other, so the losses can only read what was planned."""
 
     def __init__(self, trainer: DSANTrainer, x_s: torch.Tensor, x_t: torch.Tensor) -> None:
         self.net = trainer
         self.x_s, self.x_t = x_s, x_t
+        self.sealed = False
         self._maps: dict[str, list[torch.Tensor]] = {}
+
+    def run(self, passes: Iterable[str]) -> None:
+        for name in passes:
+            getattr(self, name)
+
+    def seal(self) -> None:
+        self.sealed = True
 
     def _translation_features(self, x: torch.Tensor, seg_features: Callable[[], tuple]) -> torch.Tensor:
         if self.net.translation_encoder is self.net.segmenter.encoder:
@@ -91,54 +136,54 @@ class DSANForward:
     def _levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net.segmenter.classify(self._encode(x))
 
-    @cached_property
+    @forward_pass
     def features_s(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._encode(self.x_s)
 
-    @cached_property
+    @forward_pass
     def features_t(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._encode(self.x_t, target_pass=True)
 
-    @cached_property
+    @forward_pass
     def z_s(self) -> torch.Tensor:
         return self._translation_features(self.x_s, lambda: self.features_s)
 
-    @cached_property
+    @forward_pass
     def z_t(self) -> torch.Tensor:
         return self._translation_features(self.x_t, lambda: self.features_t)
 
-    @cached_property
+    @forward_pass
     def x_s2t(self) -> torch.Tensor:
         return self.net.decoder_t(self.z_s)
 
-    @cached_property
+    @forward_pass
     def x_t2s(self) -> torch.Tensor:
         return self.net.decoder_s(self.z_t)
 
-    @cached_property
+    @forward_pass
     def rec_s(self) -> torch.Tensor:
         return self.net.decoder_s(self.z_s)
 
-    @cached_property
+    @forward_pass
     def rec_t(self) -> torch.Tensor:
         return self.net.decoder_t(self.z_t)
 
-    @cached_property
+    @forward_pass
     def logits_s(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net.segmenter.classify(self.features_s)
 
-    @cached_property
+    @forward_pass
     def logits_t(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net.segmenter.classify(self.features_t)
 
     def _translated_input(self, image: torch.Tensor) -> torch.Tensor:
         return image.detach() if self.net.detach_translations else image
 
-    @cached_property
+    @forward_pass
     def logits_s2t(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._levels(self._translated_input(self.x_s2t))
 
-    @cached_property
+    @forward_pass
     def logits_t2s(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._levels(self._translated_input(self.x_t2s))
 
@@ -304,6 +349,7 @@ class DSANTrainer(Trainer):
             amp=amp,
             decollate=False,
         )
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp)
         self.segmenter = segmenter
         self.translation_encoder = segmenter.encoder if translation_encoder is None else translation_encoder
         self.decoder_s, self.decoder_t = decoder_s, decoder_t
@@ -327,11 +373,15 @@ class DSANTrainer(Trainer):
         self.running_stats = running_stats
         self.skipped_steps = 0
         self.channels_last = channels_last
-        self.grad_scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp)
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         for module in self.networks:
             module.to(device=device, memory_format=memory_format)
         broadcast_from_rank_zero(self.networks)
+
+    def run(self) -> None:
+        """Ignite's run, without monai's ``Trainer.run``, which replaces ``scaler`` by a new CUDA-only scaler
+        at every call: the one built here is the only scaler, and its state is in the checkpoint."""
+        Workflow.run(self)
 
     @property
     def discriminators(self) -> list[nn.Module]:
@@ -384,10 +434,10 @@ class DSANTrainer(Trainer):
         """One backward pass and optimiser step, through the gradient scaler (a no-op unless amp)."""
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        self.grad_scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()
         average_gradients(p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"])
         for optimizer in optimizers:
-            self.grad_scaler.step(optimizer)
+            self.scaler.step(optimizer)
 
     def generator_losses(self, f: DSANForward, y_s: torch.Tensor) -> dict[str, torch.Tensor]:
         """Eq. (1)-(12) on the generator side: the terms E, C_i, U_s and U_t minimise."""
@@ -441,6 +491,12 @@ class DSANTrainer(Trainer):
             module.train()
         broadcast_from_rank_zero(self.networks, buffers_only=True)  # no-op unless under torchrun
         f = DSANForward(self, x_s, x_t)
+        generator_passes, discriminator_passes = planned_passes(self.active_terms)
+        with self._autocast():
+            f.run(generator_passes)
+            with torch.no_grad():  # read only by the discriminator step, on the same weights as the rest
+                f.run(discriminator_passes)
+        f.seal()
         with frozen(self.discriminators):
             with self._autocast():
                 g_losses = self.generator_losses(f, y_s)
@@ -450,6 +506,6 @@ class DSANTrainer(Trainer):
             d_losses = self.discriminator_losses(f)
         if d_losses and self._finite(d_losses):
             self._step(sum(d_losses.values()), self.discriminator_optimizers)
-        self.grad_scaler.update()
+        self.scaler.update()
         return {**{name: value.detach() for name, value in {**g_losses, **d_losses}.items()},
                 **translation_distances(f)}

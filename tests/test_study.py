@@ -80,7 +80,7 @@ def test_gap_closure_is_the_share_of_the_source_only_to_supervised_gap() -> None
         return {"setup": setup, "budget": budget, "dice": {"average": dice}}
 
     rows = [row("source_only", 20.0), row("supervised", 80.0), row("full", 56.0), row("full", 50.0, "30 min"),
-            row("short_budget", None)]
+            row("running_stats_all", None)]
     gap_closure(rows)
     assert [r["gap_closed"] for r in rows] == [0.0, 100.0, pytest.approx(60.0), None, None]
 

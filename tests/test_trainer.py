@@ -12,7 +12,7 @@ from torch import nn
 from scripts.data import UnpairedBatches
 from scripts.losses import SegmentationLoss
 from scripts.networks import PatchDiscriminator, Segmenter, TranslationDecoder, unique_parameters
-from scripts.trainer import DSANTrainer, WallClockBudget, epochs_for
+from scripts.trainer import DSANForward, DSANTrainer, WallClockBudget, epochs_for, planned_passes
 
 SIZE, BATCH, CLASSES = 32, 2, 3
 
@@ -219,6 +219,53 @@ def test_budget_must_be_a_multiple_of_the_validation_interval() -> None:
     for bad in ((10, 3), (0, 5), (10, 0)):
         with pytest.raises(ValueError, match="multiple of val_interval"):
             epochs_for(*bad)
+
+
+def test_passes_are_planned_from_the_active_terms() -> None:
+    full = planned_passes(["gen_t", "gen_s", "seg_s", "seg_s2t", "adv_sec"])
+    assert full == (["rec_t", "x_s2t", "rec_s", "x_t2s", "logits_s", "logits_s2t", "logits_t", "logits_t2s"], [])
+    assert planned_passes(["seg_s"]) == (["logits_s"], [])
+    # D_p_i compares source maps with target maps: without L_seg^s and L_seg^s->t the generator step reads
+    # neither logits_s nor logits_s2t, so they are the discriminator step's own passes
+    assert planned_passes(["gen_t", "gen_s", "adv_sec"]) == (
+        ["rec_t", "x_s2t", "rec_s", "x_t2s", "logits_t", "logits_t2s"], ["logits_s", "logits_s2t"])
+
+
+def test_every_pass_runs_before_the_generator_step(monkeypatch) -> None:
+    trainer = make_trainer(terms=["gen_t", "gen_s", "seg_s2t", "adv_sec"])
+    at_seal = {}
+    original_seal = DSANForward.seal
+
+    def spy(self) -> None:
+        at_seal.update({name: value for name, value in vars(self).items() if name.startswith(("logits", "x_s2t"))})
+        original_seal(self)
+
+    monkeypatch.setattr(DSANForward, "seal", spy)
+    trainer.run()
+    assert set(at_seal) == {"x_s2t", "logits_s", "logits_s2t", "logits_t", "logits_t2s"}
+    # logits_s only feeds D_p_i's real side: computed before the generator step, on the same weights, no graph
+    assert not any(level.requires_grad for level in at_seal["logits_s"])
+    assert all(level.requires_grad for level in at_seal["logits_t"])
+
+
+def test_a_sealed_forward_refuses_an_unplanned_pass() -> None:
+    trainer = make_trainer()
+    batch = next(iter(batches()))
+    forward = DSANForward(trainer, batch["source_image"], batch["target_image"])
+    forward.run(["logits_t"])
+    forward.seal()
+    assert forward.logits_t is forward.logits_t  # planned: read again from the cache
+    with pytest.raises(RuntimeError, match="'logits_s' was not planned"):
+        forward.logits_s
+
+
+def test_amp_uses_one_gradient_scaler() -> None:
+    trainer = make_trainer(amp=True)
+    scalers = [value for value in vars(trainer).values() if isinstance(value, torch.amp.GradScaler)]
+    assert scalers == [trainer.scaler] and trainer.scaler.is_enabled()
+    trainer.run()
+    assert torch.isfinite(trainer.state.output["loss"])
+    assert not make_trainer().scaler.is_enabled()
 
 
 def test_amp_and_channels_last_switches_run_on_cpu() -> None:
