@@ -284,6 +284,22 @@ def running_stats_kept(module: nn.Module, keep: bool = True) -> Iterator[None]:
         yield
 
 
+def translate_as_in_training(encoder: nn.Module, decoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """U(E(x)) as DSAN's training passes make x_s->t and x_t->s: both networks in training mode, so batch norm
+    normalises with the batch's own statistics (the running statistics may follow another domain:
+    ``running_stats``), without gradients, and writing no running statistic back. Previews and
+    translation_check both translate this way."""
+    modes = [encoder.training, decoder.training]
+    encoder.train()
+    decoder.train()
+    try:
+        with torch.no_grad(), running_stats_kept(encoder), running_stats_kept(decoder):
+            return decoder(encoder(images)[1])
+    finally:
+        encoder.train(modes[0])
+        decoder.train(modes[1])
+
+
 @contextmanager
 def frozen(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Within the block, the modules' parameters take no gradient (e.g. the discriminators during the

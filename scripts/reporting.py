@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.networks import translate_as_in_training
+
 logger = logging.getLogger("dsan")
 
 
@@ -184,18 +186,10 @@ class TranslationPreview:
                             for k in ("source_image", "target_image"))
 
     def translate(self, engine: Engine) -> dict[str, torch.Tensor]:
-        """x_s, x_s->t, x_t, x_t->s of the kept slices, in eval mode and without gradients."""
+        """x_s, x_s->t, x_t, x_t->s of the kept slices, translated as the training passes translate them."""
         x_s, x_t = (x.to(engine.state.device) for x in self._fixed)
-        modules = [engine.translation_encoder, engine.decoder_s, engine.decoder_t]
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        with torch.no_grad():
-            x_s2t = engine.decoder_t(engine.translation_encoder(x_s)[1])
-            x_t2s = engine.decoder_s(engine.translation_encoder(x_t)[1])
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-        return {"x_s": x_s, "x_s->t": x_s2t, "x_t": x_t, "x_t->s": x_t2s}
+        return {"x_s": x_s, "x_s->t": translate_as_in_training(engine.translation_encoder, engine.decoder_t, x_s),
+                "x_t": x_t, "x_t->s": translate_as_in_training(engine.translation_encoder, engine.decoder_s, x_t)}
 
     def __call__(self, engine: Engine) -> None:
         if self._fixed is None:

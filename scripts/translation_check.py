@@ -20,7 +20,7 @@ from monai.transforms import Compose
 from scripts.checkpoints import latest_checkpoint
 from scripts.data import preprocessed_slices, read_split
 from scripts.metrics import class_intensity_sums
-from scripts.networks import running_stats_kept
+from scripts.networks import translate_as_in_training
 from scripts.study import bundle_config
 
 
@@ -36,8 +36,7 @@ def _class_means(parser: ConfigParser, split: str, translate: Callable | None = 
         images, labels = item["image"], item["label"]
         totals[..., 0] += class_intensity_sums(images, labels, num_classes)
         if translate is not None:
-            with torch.no_grad():
-                translated = torch.cat([translate(batch) for batch in images.split(batch_size)])
+            translated = torch.cat([translate(batch) for batch in images.split(batch_size)])
             totals[..., 1] += class_intensity_sums(translated, labels, num_classes)
     return totals[:, 0] / totals[:, 1].clamp(min=1)
 
@@ -54,12 +53,8 @@ def translation_check(run_dir: str | os.PathLike, profile: str = "demo", setup: 
     encoder, decoder = parser.get_parsed_content("translation_encoder"), parser.get_parsed_content("decoder_t")
     encoder.load_state_dict(state["translation_encoder"])
     decoder.load_state_dict(state["decoder_t"])
-    # E normalises x_s with batch statistics, as in the training passes that make x_s->t (its running statistics
-    # may follow another domain: running_stats); nothing is written back
-    encoder.train()
-    decoder.eval()
-    with running_stats_kept(encoder):
-        source, translated = _class_means(parser, "source_train", lambda x: decoder(encoder(x)[1])).unbind(1)
+    source, translated = _class_means(
+        parser, "source_train", lambda x: translate_as_in_training(encoder, decoder, x)).unbind(1)
     target = _class_means(parser, "target_train_labels")[:, 0]
     names = ["background", *parser.get_parsed_content("class_names")]
     lines = [f"checkpoint: {checkpoint}", "",

@@ -70,6 +70,7 @@ def test_kill_9_then_rerun_ends_in_the_state_of_an_uninterrupted_run(bundle_root
     torch.testing.assert_close(b["optimizer_seg"]["state"][0]["exp_avg"], a["optimizer_seg"]["state"][0]["exp_avg"],
                                rtol=0, atol=0)
     assert a["validation"]["best_metric"] == b["validation"]["best_metric"]
+    assert a["grad_scaler"] == b["grad_scaler"] == {}  # amp off: the scaler is disabled and has no state
     assert [h["mean_dice"] for h in read_history(uninterrupted / "validation.json")] == \
         [h["mean_dice"] for h in read_history(killed / "validation.json")]
 
@@ -120,6 +121,21 @@ def test_resuming_with_another_width_lists_the_mismatched_keys(bundle_root, tiny
     mismatch = r"(?s)\[segmenter\] does not fit.*shape mismatches \(\d+\): \S+: checkpoint \("
     with pytest.raises(CheckpointMismatchError, match=mismatch):
         run("training", max_iterations=4, encoder_width=0.25, **common)
+
+
+def test_resume_restores_the_gradient_scaler_of_an_amp_run(bundle_root, tiny_dataset, tmp_path) -> None:
+    out = tmp_path / "run"
+    common = dict(config_file=[str(bundle_root / "configs/train.yaml"), str(bundle_root / "configs/demo.yaml")],
+                  logging_file=False, dataset_dir=str(tiny_dataset.parent), output_dir=str(out),
+                  prepare_dataset="$lambda: None", val_interval=2, amp=True, **TINY)
+    run("training", max_iterations=2, **common)
+    first = out / "checkpoint_epoch=1.pt"
+    state = torch.load(first, weights_only=True)
+    assert state["grad_scaler"]["scale"] == 2.0**16  # torch's initial scale: bf16 on the CPU does not overflow
+    state["grad_scaler"]["scale"] = 1024.0  # as if overflows had backed it off
+    torch.save(state, first)
+    run("training", max_iterations=4, **common)
+    assert torch.load(out / "checkpoint_epoch=2.pt", weights_only=True)["grad_scaler"]["scale"] == 1024.0
 
 
 def test_inference_with_a_checkpoint_of_another_width_says_so(bundle_root, tmp_path) -> None:

@@ -256,7 +256,7 @@ def test_a_sealed_forward_refuses_an_unplanned_pass() -> None:
     forward.seal()
     assert forward.logits_t is forward.logits_t  # planned: read again from the cache
     with pytest.raises(RuntimeError, match="'logits_s' was not planned"):
-        forward.logits_s
+        _ = forward.logits_s
 
 
 def test_amp_uses_one_gradient_scaler() -> None:
@@ -303,3 +303,26 @@ def test_wall_clock_budget_stops_at_the_last_validation_that_fits_and_keeps_mark
     assert (tmp_path / "model_2min.pt").read_text() == "best after iteration 2"
     marks = json.loads((tmp_path / "budget_marks.json").read_text())
     assert marks == {"2": {"model": "model_2min.pt", "iteration": 2, "elapsed_s": 120.0}}
+
+
+def test_previews_translate_as_the_training_passes_do(tmp_path) -> None:
+    import copy
+
+    from scripts.reporting import TranslationPreview
+
+    trainer = make_trainer()
+    encoder = trainer.translation_encoder
+    for m in encoder.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.fill_(3.0)  # running statistics of another domain (running_stats: target)
+    encoder.eval()
+    batch = next(iter(batches()))
+    preview = TranslationPreview(tmp_path)
+    preview._fixed = (batch["source_image"], batch["target_image"])
+    images = preview.translate(trainer)
+    training_encoder, training_decoder = copy.deepcopy(encoder).train(), copy.deepcopy(trainer.decoder_t).train()
+    with torch.no_grad():
+        expected = training_decoder(training_encoder(batch["source_image"])[1])
+    torch.testing.assert_close(images["x_s->t"], expected)
+    assert not encoder.training  # its mode is restored
+    assert all(torch.all(m.running_mean == 3.0) for m in encoder.modules() if isinstance(m, nn.BatchNorm2d))
