@@ -15,11 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from monai.bundle import ConfigParser
 
-from scripts.data import UnpairedBatches
-from scripts.networks import set_requires_grad
+from scripts import data, losses
+from scripts.networks import running_stats_kept, set_requires_grad
 from scripts.trainer import DSANTrainer
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +37,7 @@ def build_components(profile: str, device: torch.device) -> dict:
     parts = {key: parser.get_parsed_content(key) for key in NETWORK_IDS + OPTIMIZER_IDS}
     parts["segmentation_loss"] = parser.get_parsed_content("train#segmentation_loss")
     for key in ("batch_size", "roi_size", "num_classes", "lambda_rec", "lambda_adv", "lambda_gen", "lambda_seg",
-                "lambda_secadv", "amp", "channels_last"):
+                "lambda_secadv", "gan_mode", "running_stats", "amp", "channels_last"):
         parts[key] = parser.get_parsed_content(key)
     return parts
 
@@ -57,15 +56,15 @@ def bundle_runner(parts: dict, batches: tuple[dict, dict], device: torch.device,
     """One call = ``iterations`` iterations of the bundle's DSANTrainer (one more engine epoch)."""
     trainer = DSANTrainer(
         device=device, max_epochs=1, epoch_length=iterations,
-        data_loader=UnpairedBatches([batches[0]], [batches[1]]),
+        data_loader=data.UnpairedBatches([batches[0]], [batches[1]]),
         segmenter=parts["network"], decoder_s=parts["decoder_s"], decoder_t=parts["decoder_t"],
         image_discriminator_s=parts["image_discriminator_s"], image_discriminator_t=parts["image_discriminator_t"],
         prediction_discriminators=parts["prediction_discriminators"], segmentation_loss=parts["segmentation_loss"],
         optimizer_seg=parts["optimizer_seg"], optimizer_dec=parts["optimizer_dec"],
         optimizer_d_image=parts["optimizer_d_image"], optimizer_d_pred=parts["optimizer_d_pred"],
         lambda_rec=parts["lambda_rec"], lambda_adv=parts["lambda_adv"], lambda_gen=parts["lambda_gen"],
-        lambda_seg=parts["lambda_seg"], lambda_secadv=parts["lambda_secadv"], amp=parts["amp"],
-        channels_last=parts["channels_last"],
+        lambda_seg=parts["lambda_seg"], lambda_secadv=parts["lambda_secadv"], gan_mode=parts["gan_mode"],
+        running_stats=parts["running_stats"], amp=parts["amp"], channels_last=parts["channels_last"],
     )
 
     def run_epoch() -> None:
@@ -76,56 +75,56 @@ def bundle_runner(parts: dict, batches: tuple[dict, dict], device: torch.device,
 
 
 def bare_runner(parts: dict, batches: tuple[dict, dict], iterations: int) -> Callable[[], None]:
-    """One call = ``iterations`` of the same DSAN iteration written as a plain PyTorch loop (least-squares GAN)."""
+    """One call = ``iterations`` of the same DSAN iteration (every term of Eq. (12) on) as a plain PyTorch loop: the
+    same loss functions (scripts.losses), gan_mode and running_stats as the trainer, in the same order of passes,
+    without the engine, its handlers or its planning of passes: the reference the trainer's overhead is measured
+    against."""
     seg, us, ut = parts["network"], parts["decoder_s"], parts["decoder_t"]
     ds, dt, dps = parts["image_discriminator_s"], parts["image_discriminator_t"], parts["prediction_discriminators"]
     discriminators = [ds, dt, *dps]
-    seg_loss = parts["segmentation_loss"]
+    seg_loss, mode = parts["segmentation_loss"], parts["gan_mode"]
     g_opts = [parts["optimizer_seg"], parts["optimizer_dec"]]
     d_opts = [parts["optimizer_d_image"], parts["optimizer_d_pred"]]
-    x_s, x_t = batches[0]["image"], batches[1]["image"]
-    y_s = batches[0]["label"][:, 0].long()
+    x_s, y_s, x_t = batches[0]["image"], batches[0]["label"], batches[1]["image"]
     size = x_s.shape[-2:]
+    follow_target = parts["running_stats"] == "target"
 
-    def maps(levels: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        return [torch.softmax(F.interpolate(lg, size=size, mode="bilinear", align_corners=False), 1) for lg in levels]
+    def encode(x: torch.Tensor, target_pass: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        with running_stats_kept(seg.encoder, follow_target and not target_pass):
+            return seg.encoder(x)
 
-    def real(d_out: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(d_out, torch.ones_like(d_out))
-
-    def fake(d_out: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(d_out, torch.zeros_like(d_out))
+    def step_on(loss: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> None:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
 
     def step() -> None:
         for net in (seg, us, ut, *discriminators):
             net.train()
         set_requires_grad(discriminators, False)
-        f_s, f_t = seg.encoder(x_s), seg.encoder(x_t)
-        x_s2t, x_t2s = ut(f_s[1]), us(f_t[1])
-        rec_s, rec_t = us(f_s[1]), ut(f_t[1])
-        p_s, p_t = maps(seg.classify(f_s)), maps(seg.classify(f_t))
+        f_t, f_s = encode(x_t, target_pass=True), encode(x_s)
+        rec_t, x_s2t, rec_s, x_t2s = ut(f_t[1]), ut(f_s[1]), us(f_s[1]), us(f_t[1])
         # Eq. (8) / (10) see the translations detached, as the trainer's default detach_translations does
-        l_s2t, l_t2s = seg.classify(seg.encoder(x_s2t.detach())), seg.classify(seg.encoder(x_t2s.detach()))
-        p_s2t, p_t2s = maps(l_s2t), maps(l_t2s)
-        gen_t = parts["lambda_rec"] * F.l1_loss(rec_t, x_t) + parts["lambda_adv"] * real(dt(x_s2t))
-        gen_s = parts["lambda_rec"] * F.l1_loss(rec_s, x_s) + parts["lambda_adv"] * real(ds(x_t2s))
-        seg_total = seg_loss(seg.classify(f_s), y_s) + seg_loss(l_s2t, y_s)
-        sec = sum(real(d(p)) for d, p in zip(dps, p_t)) + sum(real(d(p)) for d, p in zip(dps, p_t2s))
-        loss = parts["lambda_gen"] * (gen_t + gen_s) + parts["lambda_seg"] * seg_total + parts["lambda_secadv"] * sec
-        for opt in g_opts:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in g_opts:
-            opt.step()
+        l_s, l_s2t = seg.classify(f_s), seg.classify(encode(x_s2t.detach()))
+        l_t, l_t2s = seg.classify(f_t), seg.classify(encode(x_t2s.detach()))
+        p_s, p_s2t, p_t, p_t2s = (losses.prediction_maps(lg, size) for lg in (l_s, l_s2t, l_t, l_t2s))
+        gen_t = losses.generation_loss(losses.reconstruction_loss(rec_t, x_t),
+                                       losses.image_adversarial_loss(dt, x_s2t, mode), parts["lambda_rec"],
+                                       parts["lambda_adv"])
+        gen_s = losses.generation_loss(losses.reconstruction_loss(rec_s, x_s),
+                                       losses.image_adversarial_loss(ds, x_t2s, mode), parts["lambda_rec"],
+                                       parts["lambda_adv"])
+        sec = losses.semantic_loss(losses.semantic_adversarial_loss(dps, p_t, mode),
+                                   losses.semantic_adversarial_loss(dps, p_t2s, mode))
+        step_on(losses.total_loss(gen_t, gen_s, seg_loss(l_s, y_s), seg_loss(l_s2t, y_s), sec,
+                                  lambda_gen=parts["lambda_gen"], lambda_seg=parts["lambda_seg"],
+                                  lambda_secadv=parts["lambda_secadv"]), g_opts)
         set_requires_grad(discriminators, True)
-        d_loss = 0.5 * (real(dt(x_t)) + fake(dt(x_s2t.detach()))) + 0.5 * (real(ds(x_s)) + fake(ds(x_t2s.detach())))
-        for pos, neg in ((p_s, p_t), (p_s2t, p_t2s)):
-            d_loss = d_loss + sum(0.5 * (real(d(a.detach())) + fake(d(b.detach()))) for d, a, b in zip(dps, pos, neg))
-        for opt in d_opts:
-            opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        for opt in d_opts:
-            opt.step()
+        step_on(losses.discriminator_loss(dt, x_t, x_s2t, mode) + losses.discriminator_loss(ds, x_s, x_t2s, mode)
+                + losses.semantic_discriminator_loss(dps, p_s, p_t, mode)
+                + losses.semantic_discriminator_loss(dps, p_s2t, p_t2s, mode), d_opts)
 
     def run_all() -> None:
         for _ in range(iterations):
@@ -213,14 +212,14 @@ def bundle_inference_seconds(workdir: Path, encoder_width: float, batch_size: in
     return time.perf_counter() - start
 
 
-def preprocessed_slices(volume: Path) -> torch.Tensor:
-    """The volume's slices as the bundle feeds them (z-score, percentiles to [-1, 1]), shaped (D, 1, H, W)."""
-    import nibabel as nib
-    from monai.transforms import NormalizeIntensity, ScaleIntensityRangePercentiles
-
-    image = torch.from_numpy(nib.load(str(volume)).get_fdata(dtype="float32"))
-    image = ScaleIntensityRangePercentiles(0.5, 99.5, -1.0, 1.0, clip=True)(NormalizeIntensity()(image))
-    return torch.as_tensor(image).permute(2, 0, 1).unsqueeze(1).contiguous()
+def inference_slices(volume: Path) -> torch.Tensor:
+    """The volume's slices preprocessed by configs/inference.yaml's own ``preprocessing`` (the synthetic volume is
+    RAS: its third axis is sliced), shaped (D, 1, H, W)."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.yaml"))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "slice_axcodes": "RAS"})
+    item = next(data.preprocessed_slices([{"image": str(volume)}], parser.get_parsed_content("preprocessing")))
+    return item["image"].contiguous()
 
 
 def bare_inference_seconds(model: torch.nn.Module, slices: torch.Tensor, batch_size: int,
@@ -251,7 +250,7 @@ def benchmark_inference(
     times: dict[str, list[float]] = {"bundle": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        slices = preprocessed_slices(synthetic_volume(workdir / "in" / "volume.nii.gz", tuple(shape)))
+        slices = inference_slices(synthetic_volume(workdir / "in" / "volume.nii.gz", tuple(shape)))
         bare_inference_seconds(model, slices, batch_size, dev)  # warm-up
         for round_index in range(rounds):
             runs = {"bundle": lambda: bundle_inference_seconds(workdir, encoder_width, batch_size, dev),

@@ -275,6 +275,27 @@ def test_amp_and_channels_last_switches_run_on_cpu() -> None:
     assert trainer.segmenter.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("running_stats", ["target", "all"])
+def test_the_benchmarks_bare_loop_makes_the_trainers_update(running_stats: str) -> None:
+    import copy
+
+    from scripts.benchmark import NETWORK_IDS, bare_runner, build_components, bundle_runner, synthetic_batches
+
+    cpu = torch.device("cpu")
+    parts = build_components("demo", cpu)
+    parts["running_stats"] = running_stats
+    batches = synthetic_batches(parts, cpu)
+    trained, bare = copy.deepcopy(parts), copy.deepcopy(parts)
+    bundle_runner(trained, batches, cpu, iterations=1)()
+    bare_runner(bare, batches, iterations=1)()
+    for key in NETWORK_IDS:
+        modules = (trained[key], bare[key]) if isinstance(trained[key], nn.Module) else \
+            (nn.ModuleList(trained[key]), nn.ModuleList(bare[key]))
+        expected, got = (m.state_dict() for m in modules)
+        for name, tensor in expected.items():
+            torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+
+
 def test_benchmark_runs_both_loops_and_reports_their_ratio(capsys) -> None:
     from scripts.benchmark import benchmark
 
