@@ -11,7 +11,7 @@ from monai.transforms import Compose
 
 from scripts import validation
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+VOLUME_SUFFIXES = (*validation.NIFTI_SUFFIXES, ".mha", ".mhd", ".nrrd")
 NOT_IMAGES = ("_label", "_seg", "_prob", "_pred")  # label maps and outputs that share a folder with images
 
 
