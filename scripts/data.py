@@ -19,7 +19,7 @@ from monai.data.utils import set_rnd
 
 from scripts import validation
 
-SPLITS = ("source_train", "target_train", "target_val", "target_test", "source_test", "target_train_labels")
+SPLITS = validation.SPLITS
 
 HOW_TO_GET_DATA = """\
 Prepare real data as a datalist JSON (format: docs/data.md) and point the bundle at it:

@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from scripts.metrics import METRIC_NAMES, class_metrics
+from scripts.validation import NIFTI_SUFFIXES
 
 __all__ = ["CSV_COLUMNS", "VolumePair", "VolumeEvaluation", "check_shapes", "format_summary", "load_label_map",
            "pair_files", "save_overlay", "summarise", "volume_key"]
@@ -35,7 +36,6 @@ METRIC_LABELS = {"dice": "Dice (%)", "asd_voxel": "ASD (voxel)", "asd_mm": "ASD 
                  "hd95_mm": "HD95 (mm)"}
 SURFACE_METRICS = ("asd_voxel", "asd_mm", "hd_mm", "hd95_mm")
 AVERAGE = "average"
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # the name suffix each kind of file may carry; the rest of the name pairs the files (docs/evaluation.md)
 ROLE_SUFFIXES = {"pred": ("_pred", "_seg"), "label": ("_label",), "image": ("_image",)}
 # files of another kind that may share a folder with the labels or the images (MMWHS and the demo data keep

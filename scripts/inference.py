@@ -1,13 +1,17 @@
-"""Inference helpers: which volumes to segment."""
+"""Inference helpers: which volumes to segment, and the training preprocessing they go through."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
 
 from scripts import validation
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+VOLUME_SUFFIXES = (*validation.NIFTI_SUFFIXES, ".mha", ".mhd", ".nrrd")
 NOT_IMAGES = ("_label", "_seg", "_prob", "_pred")  # label maps and outputs that share a folder with images
 
 
@@ -43,3 +47,14 @@ def list_volumes(dataset_dir: str | os.PathLike, validate: bool = False) -> list
     if validate:
         validation.check_volumes(volumes)
     return [{"image": str(p)} for p in volumes]
+
+
+def training_preprocessing(bundle_root: str | os.PathLike, slice_axcodes: str,
+                           pixel_spacing: Sequence[float] | None) -> Compose:
+    """configs/train.yaml's ``preprocessing`` with these ``slice_axcodes`` and ``pixel_spacing``: inference reads
+    the training declaration rather than a copy, so the two cannot drift apart (image-only items are fine: its
+    label steps allow a missing key)."""
+    train = ConfigParser.load_config_file(Path(bundle_root) / "configs" / "train.yaml")
+    parser = ConfigParser({"preprocessing": train["preprocessing"], "slice_axcodes": slice_axcodes,
+                           "pixel_spacing": pixel_spacing})
+    return Compose(parser.get_parsed_content("preprocessing"))

@@ -34,6 +34,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from scripts.validation import NIFTI_SUFFIXES, SPLITS
+
 __all__ = [
     "BRATS_LABEL_MAP",
     "BRATS_MODALITIES",
@@ -78,11 +80,9 @@ MMWHS_MODALITIES: tuple[str, ...] = ("mr", "ct")
 BRATS_MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 
 
-SPLITS: tuple[str, ...] = ("source_train", "target_train", "target_val", "target_test")
 # Image and label affines may differ by this much (mm, per affine entry) and still count as one voxel grid.
 AFFINE_ATOL = 1e-3
 
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _PAIR_RE = re.compile(r"^(?P<case>.+)_(?P<kind>image|label)$", re.IGNORECASE)
@@ -103,7 +103,7 @@ def _describe(exc: BaseException) -> str:
 
 def _suffix(path: pathlib.Path) -> str | None:
     name = path.name.lower()
-    for suffix in _NIFTI_SUFFIXES + _ITK_SUFFIXES:
+    for suffix in NIFTI_SUFFIXES + _ITK_SUFFIXES:
         if name.endswith(suffix):
             return suffix
     return None
@@ -214,7 +214,7 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise PrepareError(f"{path}: no such file")
     else:
         suffix = _suffix(path)
-        if suffix in _NIFTI_SUFFIXES:
+        if suffix in NIFTI_SUFFIXES:
             array, affine = _read_nifti(path)
         elif suffix in _ITK_SUFFIXES:
             array, affine = _read_itk_file(path)
@@ -566,8 +566,9 @@ def _move_into_place(tmp: pathlib.Path, output_dir: pathlib.Path) -> None:
         os.replace(tmp, output_dir)
 
 
-def _write_dataset(output_dir: pathlib.Path, items: Sequence[_Item], process: _Processor, metadata: dict,
-                   dataset: str) -> pathlib.Path:
+def _write_dataset(output_dir: pathlib.Path, items: Sequence[_Item], process: _Processor, metadata: dict
+                   ) -> pathlib.Path:
+    dataset = metadata["dataset"]
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
@@ -587,11 +588,13 @@ def _write_dataset(output_dir: pathlib.Path, items: Sequence[_Item], process: _P
                 datalist["target_train"].append(entry)
                 target_train_labels.append({**entry, "label": label_path})
             else:
-                datalist.setdefault(item.split, []).append({**entry, "label": label_path})
+                datalist[item.split].append({**entry, "label": label_path})
             logger.info("prepare %s: [%d/%d] %s %s -> %s (shape %s, %s)", dataset, n, len(items), item.modality,
                         item.image.name, entry["image"], "x".join(map(str, image.shape)),
                         "".join(nib.aff2axcodes(affine)))
         datalist["target_train_labels"] = target_train_labels
+        if not datalist["source_test"]:  # listed only with --hold_out_source_test
+            del datalist["source_test"]
         metadata["counts"] = {k: len(v) for k, v in datalist.items()}
         datalist["metadata"] = metadata
         # The datalist is written last: its presence is what marks a dataset complete.
@@ -605,12 +608,17 @@ def _write_dataset(output_dir: pathlib.Path, items: Sequence[_Item], process: _P
     return output_dir / DATALIST_NAME
 
 
-def _items(splits: Mapping[str, Sequence[str]], modality_of: Callable[[str], str],
+def _role(split: str) -> str:
+    return "source" if split.startswith("source") else "target"
+
+
+def _items(splits: Mapping[str, Sequence[str]], modalities: Mapping[str, str],
            paths: Callable[[str, str], tuple[pathlib.Path, pathlib.Path]],
            stem: Callable[[str, str], str]) -> list[_Item]:
+    """The volumes to write; ``modalities`` maps each role ("source", "target") to its modality."""
     items = []
     for split, patients in splits.items():
-        modality = modality_of(split)
+        modality = modalities[_role(split)]
         for patient in patients:
             image, label = paths(split, patient)
             items.append(_Item(split, stem(modality, patient), patient, modality, image, label))
@@ -636,6 +644,48 @@ def _input_dir(path: str | os.PathLike, flag: str) -> pathlib.Path:
     if not folder.is_dir():
         raise PrepareError(f"{folder}: --{flag} {'is not a folder' if folder.exists() else 'does not exist'}")
     return folder
+
+
+def _check_split_numbers(seed: Any, test_fraction: Any, val_fraction: Any) -> tuple[int, float, float]:
+    return (_check_seed(seed), _check_fraction("test_fraction", test_fraction),
+            _check_fraction("val_fraction", val_fraction))
+
+
+def _heart_folders(source_dir: str | os.PathLike, target_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                   overwrite: bool) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """The checked source, target and output folders of an MMWHS-style command (mmwhs, sifa)."""
+    src_dir, tgt_dir = _input_dir(source_dir, "source_dir"), _input_dir(target_dir, "target_dir")
+    if src_dir.resolve() == tgt_dir.resolve():
+        raise PrepareError(f"{src_dir}: --source_dir and --target_dir are the same folder")
+    return src_dir, tgt_dir, _check_output_dir(output_dir, overwrite, [src_dir, tgt_dir])
+
+
+def _heart_split_metadata(plan: _SplitPlan, seed: int, test_fraction: float, val_fraction: float,
+                          hold_out_source_test: bool) -> dict[str, Any]:
+    return {"method": plan.method, "split_file": plan.origin if plan.method == "file" else None,
+            "seed": seed, "test_fraction": test_fraction if plan.method == "random" else None,
+            "val_fraction": val_fraction, "hold_out_source_test": bool(hold_out_source_test)}
+
+
+def _metadata(dataset: str, modalities: Mapping[str, str], class_names: Sequence[str],
+              label_map: Mapping[int, int], orientation: str, crop: dict[str, Any], split: dict[str, Any],
+              patients: Mapping[str, Sequence[str]], inputs: dict[str, str]) -> dict[str, Any]:
+    """The datalist's ``metadata`` block (docs/prepare.md), one layout for every command."""
+    return {
+        "generator": __name__, "version": PREPARE_VERSION, "dataset": dataset,
+        "source_modality": modalities["source"], "target_modality": modalities["target"],
+        "class_names": list(class_names),
+        "label_map": {str(k): v for k, v in sorted(label_map.items())},
+        "orientation": orientation, "crop": crop, "split": split, "patients": patients, "inputs": inputs,
+    }
+
+
+def _read_checked_pair(item: _Item) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image, label and their affine, read from ``item``'s files and checked to share one voxel grid."""
+    image, affine = read_volume(item.image)
+    label, label_affine = read_volume(item.label)
+    _check_pair(item.image, image, affine, item.label, label, label_affine)
+    return image, label, affine
 
 
 # ------------------------------------------------------------------------------------------------- MMWHS
@@ -751,7 +801,8 @@ def prepare_mmwhs(
     whole heart, all seven structures) plus --crop_margin voxels, identically for image and label: the crop
     uses the labels, as SIFA's preprocessing did. Every source patient goes to source_train (unless
     --hold_out_source_test); target patients are split into target_test, target_val (carved from the training
-    patients) and target_train (unlabelled in the datalist). See docs/prepare.md.
+    patients) and target_train (unlabelled in the datalist). Comparable with the paper (SIFA's heart crop at one
+    in-plane scale): train and infer on the result with --pixel_spacing "[1.0, 1.0]". See docs/prepare.md.
 
     Args:
         source_dir: folder of the labelled source modality, e.g. mr_train (files like mr_train_1001_image.nii.gz
@@ -784,16 +835,11 @@ def prepare_mmwhs(
     """
     source_modality, target_modality = _check_modalities(source_modality, target_modality, MMWHS_MODALITIES,
                                                          ("source_modality", "target_modality"))
-    seed = _check_seed(seed)
-    test_fraction = _check_fraction("test_fraction", test_fraction)
-    val_fraction = _check_fraction("val_fraction", val_fraction)
+    seed, test_fraction, val_fraction = _check_split_numbers(seed, test_fraction, val_fraction)
     margin = _crop_setting(no_crop, crop_margin)
     aliases = _check_aliases(label_aliases)
     plan = _split_plan(split, split_file)
-    src_dir, tgt_dir = _input_dir(source_dir, "source_dir"), _input_dir(target_dir, "target_dir")
-    if src_dir.resolve() == tgt_dir.resolve():
-        raise PrepareError(f"{src_dir}: --source_dir and --target_dir are the same folder")
-    out = _check_output_dir(output_dir, overwrite, [src_dir, tgt_dir])
+    src_dir, tgt_dir, out = _heart_folders(source_dir, target_dir, output_dir, overwrite)
 
     pairs = {"source": _scan_mmwhs(src_dir, "source", source_modality),
              "target": _scan_mmwhs(tgt_dir, "target", target_modality)}
@@ -803,32 +849,19 @@ def prepare_mmwhs(
     mapping.update({raw: MMWHS_LABEL_MAP[known] for raw, known in aliases.items()})
 
     def process(item: _Item) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        image, affine = read_volume(item.image)
-        label, label_affine = read_volume(item.label)
-        _check_pair(item.image, image, affine, item.label, label, label_affine)
+        image, label, affine = _read_checked_pair(item)
         classes, foreground = remap_labels(label, mapping, item.label, "MMWHS", _ALIAS_HINT)
         return _reorient_and_crop(_image_array(image, item.image), classes, foreground, affine, crop_margin=margin,
                                   label_path=item.label)
 
-    def role(split_name: str) -> str:
-        return "source" if split_name.startswith("source") else "target"
-
-    items = _items(splits, lambda s: source_modality if role(s) == "source" else target_modality,
-                   lambda s, p: pairs[role(s)][p], lambda m, p: f"{m}_{p}")
-    metadata = {
-        "generator": __name__, "version": PREPARE_VERSION, "dataset": "mmwhs",
-        "source_modality": source_modality, "target_modality": target_modality,
-        "class_names": list(HEART_CLASS_NAMES),
-        "label_map": {str(k): v for k, v in sorted(mapping.items())},
-        "orientation": "RAS",
-        "crop": ({"enabled": False} if margin is None else
-                 {"enabled": True, "margin_voxels": margin, "box_from": "label foreground (whole heart, raw != 0)"}),
-        "split": {"method": plan.method, "split_file": plan.origin if plan.method == "file" else None,
-                  "seed": seed, "test_fraction": test_fraction if plan.method == "random" else None,
-                  "val_fraction": val_fraction, "hold_out_source_test": bool(hold_out_source_test)},
-        "patients": splits, "inputs": {"source_dir": str(src_dir), "target_dir": str(tgt_dir)},
-    }
-    return _write_dataset(out, items, process, metadata, "mmwhs")
+    modalities = {"source": source_modality, "target": target_modality}
+    items = _items(splits, modalities, lambda s, p: pairs[_role(s)][p], lambda m, p: f"{m}_{p}")
+    crop = ({"enabled": False} if margin is None else
+            {"enabled": True, "margin_voxels": margin, "box_from": "label foreground (whole heart, raw != 0)"})
+    metadata = _metadata("mmwhs", modalities, HEART_CLASS_NAMES, mapping, "RAS", crop,
+                         _heart_split_metadata(plan, seed, test_fraction, val_fraction, hold_out_source_test),
+                         splits, {"source_dir": str(src_dir), "target_dir": str(tgt_dir)})
+    return _write_dataset(out, items, process, metadata)
 
 
 # -------------------------------------------------------------------------------------------------- SIFA
@@ -897,14 +930,9 @@ def prepare_sifa(
     """
     source_modality, target_modality = _check_modalities(source_modality, target_modality, MMWHS_MODALITIES,
                                                          ("source_modality", "target_modality"))
-    seed = _check_seed(seed)
-    test_fraction = _check_fraction("test_fraction", test_fraction)
-    val_fraction = _check_fraction("val_fraction", val_fraction)
+    seed, test_fraction, val_fraction = _check_split_numbers(seed, test_fraction, val_fraction)
     plan = _split_plan(split, split_file)
-    src_dir, tgt_dir = _input_dir(source_dir, "source_dir"), _input_dir(target_dir, "target_dir")
-    if src_dir.resolve() == tgt_dir.resolve():
-        raise PrepareError(f"{src_dir}: --source_dir and --target_dir are the same folder")
-    out = _check_output_dir(output_dir, overwrite, [src_dir, tgt_dir])
+    src_dir, tgt_dir, out = _heart_folders(source_dir, target_dir, output_dir, overwrite)
     files = {"source": _scan_npz(src_dir, "source", source_modality),
              "target": _scan_npz(tgt_dir, "target", target_modality)}
     splits = _heart_splits(plan, list(files["source"]), list(files["target"]), source_modality, target_modality,
@@ -916,35 +944,24 @@ def prepare_sifa(
         classes, _ = remap_labels(label, SIFA_LABEL_MAP, item.label, "SIFA")
         return np.ascontiguousarray(_image_array(image, item.image)), classes, np.eye(4)
 
-    def role(split_name: str) -> str:
-        return "source" if split_name.startswith("source") else "target"
-
     def paths(split_name: str, patient: str) -> tuple[pathlib.Path, pathlib.Path]:
-        path = files[role(split_name)][patient]
+        path = files[_role(split_name)][patient]
         return path, path
 
-    items = _items(splits, lambda s: source_modality if role(s) == "source" else target_modality, paths,
-                   lambda m, p: f"{m}_{p}")
-    metadata = {
-        "generator": __name__, "version": PREPARE_VERSION, "dataset": "sifa",
-        "source_modality": source_modality, "target_modality": target_modality,
-        "class_names": list(HEART_CLASS_NAMES),
-        "label_map": {str(k): v for k, v in sorted(SIFA_LABEL_MAP.items())},
-        "orientation": "as stored by SIFA (identity affine)",
-        "crop": {"enabled": False, "note": "SIFA's volumes are already cropped around the heart"},
-        "split": {"method": plan.method, "split_file": plan.origin if plan.method == "file" else None,
-                  "seed": seed, "test_fraction": test_fraction if plan.method == "random" else None,
-                  "val_fraction": val_fraction, "hold_out_source_test": bool(hold_out_source_test)},
-        "patients": splits, "inputs": {"source_dir": str(src_dir), "target_dir": str(tgt_dir)},
-    }
-    return _write_dataset(out, items, process, metadata, "sifa")
+    modalities = {"source": source_modality, "target": target_modality}
+    items = _items(splits, modalities, paths, lambda m, p: f"{m}_{p}")
+    metadata = _metadata("sifa", modalities, HEART_CLASS_NAMES, SIFA_LABEL_MAP, "as stored by SIFA (identity affine)",
+                         {"enabled": False, "note": "SIFA's volumes are already cropped around the heart"},
+                         _heart_split_metadata(plan, seed, test_fraction, val_fraction, hold_out_source_test),
+                         splits, {"source_dir": str(src_dir), "target_dir": str(tgt_dir)})
+    return _write_dataset(out, items, process, metadata)
 
 
 # ------------------------------------------------------------------------------------------------- BraTS
 
 
 def _nifti_in(folder: pathlib.Path, stem: str) -> pathlib.Path | None:
-    for suffix in _NIFTI_SUFFIXES:
+    for suffix in NIFTI_SUFFIXES:
         if (folder / f"{stem}{suffix}").is_file():
             return folder / f"{stem}{suffix}"
     return None
@@ -955,7 +972,7 @@ def _scan_brats(data_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     cases: dict[str, pathlib.Path] = {}
     for seg in sorted(data_dir.rglob("*_seg.nii*")):
         suffix = _suffix(seg)
-        if suffix not in _NIFTI_SUFFIXES or seg.name.startswith("."):
+        if suffix not in NIFTI_SUFFIXES or seg.name.startswith("."):
             continue
         case = seg.name[: -len(suffix)][: -len("_seg")]
         if case in cases:
@@ -1003,9 +1020,7 @@ def prepare_brats(
         PrepareError: bad flags or bad input; the message names the file and the fault.
     """
     source, target = _check_modalities(source, target, BRATS_MODALITIES, ("source", "target"))
-    seed = _check_seed(seed)
-    test_fraction = _check_fraction("test_fraction", test_fraction)
-    val_fraction = _check_fraction("val_fraction", val_fraction)
+    seed, test_fraction, val_fraction = _check_split_numbers(seed, test_fraction, val_fraction)
     root = _input_dir(data_dir, "data_dir")
     out = _check_output_dir(output_dir, overwrite, [root])
     cases = _scan_brats(root)
@@ -1022,10 +1037,11 @@ def prepare_brats(
         raise PrepareError(f"{root}: no cases left for target_train: {len(target_cases)} target cases, {len(test)} "
                            f"go to target_test and {len(val)} to target_val")
     splits = {"source_train": source_cases, "target_train": train, "target_val": val, "target_test": test}
+    modalities = {"source": source, "target": target}
 
     files: dict[tuple[str, str], tuple[pathlib.Path, pathlib.Path]] = {}
     for split_name, split_cases in splits.items():
-        modality = source if split_name.startswith("source") else target
+        modality = modalities[_role(split_name)]
         for case in split_cases:
             found = {}
             for kind in (modality, "seg"):
@@ -1036,27 +1052,17 @@ def prepare_brats(
             files[(split_name, case)] = (found[modality], found["seg"])
 
     def process(item: _Item) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        image, affine = read_volume(item.image)
-        label, label_affine = read_volume(item.label)
-        _check_pair(item.image, image, affine, item.label, label, label_affine)
+        image, label, affine = _read_checked_pair(item)
         classes, foreground = remap_labels(label, BRATS_LABEL_MAP, item.label, "BraTS")
         return _reorient_and_crop(_image_array(image, item.image), classes, foreground, affine, crop_margin=None,
                                   label_path=item.label)
 
-    items = _items(splits, lambda s: source if s.startswith("source") else target, lambda s, c: files[(s, c)],
-                   lambda m, c: f"{c}_{m}")
-    metadata = {
-        "generator": __name__, "version": PREPARE_VERSION, "dataset": "brats",
-        "source_modality": source, "target_modality": target,
-        "class_names": list(BRATS_CLASS_NAMES),
-        "label_map": {str(k): v for k, v in sorted(BRATS_LABEL_MAP.items())},
-        "orientation": "RAS",
-        "crop": {"enabled": False},
-        "split": {"method": "random disjoint halves", "split_file": None, "seed": seed,
-                  "test_fraction": test_fraction, "val_fraction": val_fraction},
-        "patients": splits, "inputs": {"data_dir": str(root)},
-    }
-    return _write_dataset(out, items, process, metadata, "brats")
+    items = _items(splits, modalities, lambda s, c: files[(s, c)], lambda m, c: f"{c}_{m}")
+    metadata = _metadata("brats", modalities, BRATS_CLASS_NAMES, BRATS_LABEL_MAP, "RAS", {"enabled": False},
+                         {"method": "random disjoint halves", "split_file": None, "seed": seed,
+                          "test_fraction": test_fraction, "val_fraction": val_fraction},
+                         splits, {"data_dir": str(root)})
+    return _write_dataset(out, items, process, metadata)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -33,13 +33,15 @@ import numpy as np
 
 logger = logging.getLogger("dsan")
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")  # in the order a folder is searched for <stem><suffix>
 MAX_LISTED = 10  # missing files / faults listed in one message (and faults collected before stopping)
 LOG_EVERY = 20  # a progress line every this many volumes read
 # the files of each split that training and validation read; target_train labels are never read
 SPLIT_KEYS = {"source_train": ("image", "label"), "target_train": ("image",), "target_val": ("image", "label"),
               "target_test": ("image", "label"), "source_test": ("image", "label")}
 REQUIRED_SPLITS = ("source_train", "target_train", "target_val")
+# every split a datalist may hold (docs/data.md), in the order scripts.prepare writes them
+SPLITS = (*REQUIRED_SPLITS, "target_test", "source_test", "target_train_labels")
 # arguments of monai.bundle's `run` (and of the workflow it creates) that are not config ids
 RUN_ARGS = frozenset({"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking",
                       "args_file", "workflow_name", "workflow_type", "properties_path"})

@@ -1,5 +1,6 @@
 """configs/train.yaml and every override parse and instantiate; the paper recipe is what train.yaml says;
-a missing dataset stops at once with instructions; a short demo run checkpoints and resumes."""
+pixel_spacing gives both domains' slices one pixel size; a missing dataset stops at once with instructions; a
+short demo run checkpoints and resumes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import logging
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, run
+from monai.transforms import Compose
 
 from scripts.checkpoints import latest_checkpoint
 from scripts.reporting import read_history
@@ -47,6 +51,7 @@ def test_train_yaml_is_the_paper_recipe(bundle_root) -> None:
     lrs = {k: parser.get_parsed_content(f"lr_{k}") for k in ("seg", "dec", "d_image", "d_pred")}
     assert lrs == {"seg": 2e-4, "dec": 1e-3, "d_image": 1e-4, "d_pred": 5e-5}
     assert parser.get_parsed_content("terms") == ["gen_t", "gen_s", "seg_s", "seg_s2t", "adv_sec"]
+    assert parser.get_parsed_content("pixel_spacing") is None  # the scanner's voxels, as the paper's recipe
 
 
 @pytest.mark.parametrize("files", [[], ["configs/demo.yaml"], ["configs/source_only.yaml"], OVERRIDES])
@@ -68,6 +73,40 @@ def test_configs_instantiate_trainer_and_evaluator(bundle_root, tiny_dataset, tm
 
 def test_source_only_override_keeps_only_eq7(bundle_root) -> None:
     assert parser_for(bundle_root, ["configs/source_only.yaml"]).get_parsed_content("terms") == ["seg_s"]
+
+
+def write_ball(folder, in_plane_mm: float) -> dict[str, str]:
+    """A ball of radius 12 mm, image and label, sampled every ``in_plane_mm`` in the slice plane of the default
+    slice_axcodes RSA (x and z; slices along y, 2 mm apart)."""
+    spacing = np.array([in_plane_mm, 2.0, in_plane_mm])
+    shape = np.round(40.0 / spacing).astype(int) | 1  # about 40 mm a side, odd, so the centre is a voxel
+    centre = (shape - 1) / 2
+    mm = np.stack(np.meshgrid(*[(np.arange(n) - c) * s for n, c, s in zip(shape, centre, spacing)], indexing="ij"))
+    label = (np.linalg.norm(mm, axis=0) <= 12.0).astype(np.uint8)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -centre * spacing
+    paths = {"image": str(folder / f"ball_{in_plane_mm}_image.nii.gz"),
+             "label": str(folder / f"ball_{in_plane_mm}_label.nii.gz")}
+    nib.save(nib.Nifti1Image(label * np.float32(500.0), affine), paths["image"])
+    nib.save(nib.Nifti1Image(label, affine), paths["label"])
+    return paths
+
+
+@pytest.mark.parametrize("pixel_spacing", [None, [1.0, 1.0]])
+def test_pixel_spacing_gives_both_domains_slices_one_pixel_size(bundle_root, tmp_path, pixel_spacing) -> None:
+    parser = parser_for(bundle_root, [], pixel_spacing=pixel_spacing)
+    preprocessing = Compose(parser.get_parsed_content("preprocessing"))
+    fine, coarse = (preprocessing(write_ball(tmp_path, mm)) for mm in (1.0, 1.5))
+    areas = [int(item["label"].sum()) for item in (fine, coarse)]  # foreground pixels over every slice
+    if pixel_spacing is None:  # the scanner's grid: the same ball covers 1.5**2 times fewer pixels of the coarse one
+        assert areas[0] / areas[1] == pytest.approx(1.5**2, rel=0.05)
+        return
+    assert areas[1] == pytest.approx(areas[0], rel=0.03)
+    for item in (fine, coarse):
+        assert item["image"].shape == item["label"].shape
+        for key in ("image", "label"):
+            voxel_mm = np.linalg.norm(np.asarray(item[key].affine)[:3, :3], axis=0)
+            np.testing.assert_allclose(voxel_mm, [1.0, 1.0, 2.0], atol=1e-6)  # the slice axis keeps its 2 mm
 
 
 def test_missing_dataset_stops_at_once_with_instructions(bundle_root, tmp_path) -> None:

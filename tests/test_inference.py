@@ -99,12 +99,34 @@ def test_inference_network_and_preprocessing_match_training(bundle_root) -> None
     infer_cfg = ConfigParser.load_config_file(str(bundle_root / "configs" / "inference.yaml"))
     train_cfg = ConfigParser.load_config_file(str(bundle_root / "configs" / "train.yaml"))
     assert infer_cfg["network_def"] == train_cfg["network_def"]
-    for key in ("num_classes", "encoder_width", "slice_axcodes"):
+    for key in ("num_classes", "encoder_width", "slice_axcodes", "pixel_spacing"):
         assert infer_cfg[key] == train_cfg[key], key
-    train_steps = [{k: v for k, v in step.items() if k not in ("keys", "allow_missing_keys")}
-                   for step in train_cfg["preprocessing"]]
-    infer_steps = [{k: v for k, v in step.items() if k != "keys"} for step in infer_cfg["preprocessing"]["transforms"]]
-    assert infer_steps == train_steps
+    infer_parser = ConfigParser(infer_cfg)
+    infer_parser.update({"bundle_root": str(bundle_root)})
+    train_steps = ConfigParser(train_cfg).get_parsed_content("preprocessing")
+    infer_steps = infer_parser.get_parsed_content("preprocessing").transforms
+    assert [type(t) for t in infer_steps] == [type(t) for t in train_steps]
+
+
+def test_pixel_spacing_resamples_the_slices_and_outputs_keep_the_input_grid(bundle_root, tmp_path) -> None:
+    (tmp_path / "in").mkdir()
+    image = write_volume(tmp_path / "in" / "case_01.nii.gz")
+    parser = ConfigParser(ConfigParser.load_config_file(str(bundle_root / "configs" / "inference.yaml")))
+    parser.update({"bundle_root": str(bundle_root), "pixel_spacing": [0.6, 0.6]})
+    sliced = parser.get_parsed_content("preprocessing")({"image": str(tmp_path / "in" / "case_01.nii.gz")})
+    voxel_mm = np.linalg.norm(np.asarray(sliced["image"].affine)[:3, :3], axis=0)
+    np.testing.assert_allclose(voxel_mm, [0.6, 0.6, 1.1], atol=1e-6)  # RSA puts the 1.1 mm axis along the slices
+    ckpt = tmp_path / "threshold.pt"
+    torch.save(ThresholdSegmenter().state_dict(), ckpt)
+    infer(bundle_root, tmp_path / "in", tmp_path / "out", ckpt, pixel_spacing=[0.6, 0.6],
+          network_def={"_target_": "tests.test_inference.ThresholdSegmenter"})
+    out = nib.load(str(tmp_path / "out" / "case_01_seg.nii.gz"))
+    np.testing.assert_allclose(out.affine, oblique_affine(), atol=1e-5)
+    prediction = np.asarray(out.dataobj)
+    assert prediction.shape == image.shape
+    expected = image > 0
+    overlap = 2 * np.logical_and(prediction == 1, expected).sum() / ((prediction == 1).sum() + expected.sum())
+    assert overlap > 0.9  # resampled there and back: the blocks' edges may move by a voxel
 
 
 def test_inference_benchmark_compares_bundle_and_bare_runs(capsys) -> None:
