@@ -2,7 +2,7 @@
 Dice (%), ASD (voxel and mm), HD and HD95 (mm). ``configs/evaluate.yaml`` runs :class:`VolumeEvaluation`;
 docs/evaluation.md has the definitions, the file-pairing rule and the empty-mask conventions.
 
-Outputs in ``output_dir``: ``metrics.csv`` (one row per volume and class), ``summary.md`` (mean ± std over
+Outputs in ``output_dir``: ``metrics.csv`` (one row per volume and class), ``summary.md`` (mean ± std and misses over
 volumes, each class and the average), ``summary.json`` (the same numbers) and, with ``image_dir``,
 ``overlays/<volume>.png``. Every file is written to a temporary name and renamed, and nothing is written before
 every volume has been scored, so a failed evaluation leaves an earlier one intact.
@@ -179,20 +179,24 @@ def load_label_map(path: str | os.PathLike, num_classes: int) -> tuple[np.ndarra
     return labels, tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
-def _finite_stats(values: Sequence[float]) -> dict:
+def _volume_stats(values: Sequence[float]) -> dict:
+    """Mean ± std over the finite values, with the misses (inf: the structure in only one of prediction and label)
+    and the NaNs (in neither) counted beside them rather than hidden."""
     values = np.asarray(values, dtype=np.float64)
     finite = values[np.isfinite(values)]
     return {
         "mean": float(finite.mean()) if finite.size else None,
         "std": float(finite.std()) if finite.size else None,  # population std (ddof 0), as SIFA's script
         "n": int(finite.size),
-        "inf": int(np.isinf(values).sum()),
+        "missed": int(np.isinf(values).sum()),
         "nan": int(np.isnan(values).sum()),
+        "num_volumes": int(values.size),
     }
 
 
 def _volume_average(values: Sequence[float]) -> float:
-    """A volume's mean over classes: NaN classes (absent from both masks) left out; inf if any class is inf."""
+    """A volume's mean over classes: NaN classes (absent from both masks) left out; inf if any class is inf, so
+    a volume that misses one structure is a miss of the average too, not a mean over the structures it found."""
     values = np.asarray(values, dtype=np.float64)
     if np.isinf(values).any():
         return math.inf
@@ -203,20 +207,22 @@ def summarise(rows: Sequence[dict], class_names: Sequence[str]) -> dict:
     """Mean ± std over volumes of each metric, per class and for the average over classes, plus which volumes
     had an empty prediction, an empty label, or neither mask (the inf and NaN cells).
 
-    ``rows`` are :class:`VolumeEvaluation`'s rows (CSV columns plus ``pred_empty`` / ``label_empty``). Non-finite
-    values are left out of the mean and std and counted (``inf``, ``nan``); ``n`` is how many volumes the mean
-    is over. The average column is the mean over volumes of each volume's mean over classes, where a volume with
-    an inf class is inf (so it leaves the ASD/HD average) and classes absent from both masks are skipped.
+    ``rows`` are :class:`VolumeEvaluation`'s rows (CSV columns plus ``pred_empty`` / ``label_empty``). Each cell
+    is ``{mean, std, n, missed, nan, num_volumes}``: mean and std over the ``n`` finite values, ``missed`` the
+    volumes with an inf value (ASD/HD of a structure in only one of prediction and label), ``nan`` those with the
+    class in neither, out of ``num_volumes``. The average column is the mean over volumes of each volume's mean
+    over classes, where a volume with an inf class is inf (a miss of the average) and classes absent from both
+    masks are skipped.
     """
     volumes = sorted({r["volume"] for r in rows})
     by_volume = {v: {r["class"]: r for r in rows if r["volume"] == v} for v in volumes}
     classes = list(range(1, len(class_names) + 1))
     metrics = {}
     for metric in METRIC_NAMES:
-        per_class = {name: _finite_stats([by_volume[v][c][metric] for v in volumes if c in by_volume[v]])
+        per_class = {name: _volume_stats([by_volume[v][c][metric] for v in volumes if c in by_volume[v]])
                      for c, name in zip(classes, class_names)}
         averages = [_volume_average([r[metric] for r in by_volume[v].values()]) for v in volumes]
-        metrics[metric] = {**per_class, AVERAGE: _finite_stats(averages)}
+        metrics[metric] = {**per_class, AVERAGE: _volume_stats(averages)}
     empty = {}
     for c, name in zip(classes, class_names):
         class_rows = [by_volume[v][c] for v in volumes if c in by_volume[v]]
@@ -229,15 +235,18 @@ def summarise(rows: Sequence[dict], class_names: Sequence[str]) -> dict:
             "units": {m: METRIC_LABELS[m] for m in METRIC_NAMES}, "metrics": metrics, "empty": empty}
 
 
-def _cell(stats: dict, num_volumes: int) -> str:
-    if stats["mean"] is None:
-        return "n/a"
-    cell = f"{stats['mean']:.2f} ± {stats['std']:.2f}"
-    return cell if stats["n"] == num_volumes else f"{cell} (n={stats['n']})"
-
-
 def _volumes(n: int) -> str:
     return f"{n} volume" if n == 1 else f"{n} volumes"
+
+
+def _cell(stats: dict) -> str:
+    """mean ± std, then "(n=k)" when classes absent from both masks shrink the mean, and the misses, so that a
+    missed structure shows in the very cell whose mean it is not part of."""
+    cell = "n/a" if stats["mean"] is None else f"{stats['mean']:.2f} ± {stats['std']:.2f}"
+    notes = [f"n={stats['n']}"] if stats["nan"] and stats["mean"] is not None else []
+    if stats["missed"]:
+        notes.append(f"{stats['missed']} of {_volumes(stats['num_volumes'])} missed")
+    return f"{cell} ({'; '.join(notes)})" if notes else cell
 
 
 def format_summary(summary: dict) -> str:
@@ -251,13 +260,15 @@ def format_summary(summary: dict) -> str:
     for metric in METRIC_NAMES:
         stats = summary["metrics"][metric]
         lines.append(f"| {METRIC_LABELS[metric]} | "
-                     + " | ".join(_cell(stats[k], n) for k in [*names, AVERAGE]) + " |")
+                     + " | ".join(_cell(stats[k]) for k in [*names, AVERAGE]) + " |")
     lines += [
         "",
-        f"Volumes: {n}. Cells: mean ± std (population) over volumes; \"(n=k)\" when the mean is over k < {n} "
-        "volumes because the other cells are inf or NaN (listed below), which are excluded from the mean.",
-        "Average: each volume's mean over classes, then mean ± std over volumes (a volume with an inf class is "
-        "left out of that metric's average).",
+        f"Volumes: {n}. Cells: mean ± std (population) over the volumes with a finite value; \"k of {n} volumes "
+        "missed\": k volumes where the structure is in only one of prediction and label (ASD/HD inf, listed "
+        "below), not in the mean; \"(n=k)\": the mean is over k volumes because the others have the class in "
+        "neither mask (NaN).",
+        "Average: each volume's mean over classes, then mean ± std over volumes; a volume that misses any class "
+        "is a miss of the average (its ASD/HD average is inf, not the mean of the classes it found).",
         "",
     ]
     notes = []

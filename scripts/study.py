@@ -111,6 +111,14 @@ def cell(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
+def asd_cell(mean: float | None, missed: int | None) -> str:
+    """A mean ASD with the volumes its mean leaves out because they missed the structure (ASD inf), so that a
+    miss does not pass for a good distance."""
+    if not missed:
+        return cell(mean)
+    return f"{cell(mean)} ({missed} {'miss' if missed == 1 else 'misses'})"
+
+
 def gap_closure(rows: list[dict]) -> None:
     """Adds ``gap_closed`` (%) to every row whose budget also has source-only and supervised rows:
     (Dice - source-only) / (supervised - source-only), the share of the no-adaptation-to-upper-bound gap."""
@@ -124,25 +132,41 @@ def gap_closure(rows: list[dict]) -> None:
 
 def study_table(rows: list[dict], class_names: Sequence[str]) -> str:
     """Markdown table in the paper's format: per-class Dice (%) and ASD (voxel), their averages, and the share
-    of the source-only-to-supervised gap closed at the same budget."""
+    of the source-only-to-supervised gap closed at the same budget. An ASD cell whose mean leaves out volumes
+    that missed the structure says how many, e.g. "2.31 (1 miss)"."""
     head = ["setup", "budget", *[f"Dice {c}" for c in class_names], "Dice avg", *[f"ASD {c}" for c in class_names],
             "ASD avg", "gap closed (%)", "iterations", "run's wall time"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         dice = [r["dice"].get(c) for c in class_names] + [r["dice"].get("average")]
-        asd = [r["asd_voxel"].get(c) for c in class_names] + [r["asd_voxel"].get("average")]
-        lines.append("| " + " | ".join([SETUPS[r["setup"]][1], r["budget"], *map(cell, dice), *map(cell, asd),
+        missed = r.get("asd_voxel_missed", {})  # rows reused from a study run before misses were kept have none
+        asd = [asd_cell(r["asd_voxel"].get(c), missed.get(c)) for c in [*class_names, "average"]]
+        lines.append("| " + " | ".join([SETUPS[r["setup"]][1], r["budget"], *map(cell, dice), *asd,
                                          cell(r.get("gap_closed"), 1), str(r["iterations"]),
                                          format_duration(r["wall_s"])]) + " |")
     return "\n".join(lines)
 
 
-def mean_metric(summary: dict, metric: str, key: str) -> float | None:
-    """Mean over volumes of one metric for one class (or 'average') from evaluate's summary.json."""
+def summary_stat(summary: dict, metric: str, key: str, stat: str = "mean") -> float | int | None:
+    """One statistic (``mean``, ``missed``, ...) of one metric for one class (or 'average') from evaluate's
+    summary.json; None where it has none."""
     try:
-        return summary["metrics"][metric][key]["mean"]
+        return summary["metrics"][metric][key][stat]
     except (KeyError, TypeError):
         return None
+
+
+def study_row(setup: str, budget: str, iterations: int, wall_s: float, summary: dict,
+              class_names: Sequence[str]) -> dict:
+    """One row of results.json: a setup's test Dice and ASD (voxel) at one budget, per class and averaged, with
+    the volumes each ASD mean leaves out as misses."""
+    keys = [*class_names, "average"]
+    return {
+        "setup": setup, "budget": budget, "iterations": iterations, "wall_s": wall_s,
+        "dice": {c: summary_stat(summary, "dice", c) for c in keys},
+        "asd_voxel": {c: summary_stat(summary, "asd_voxel", c) for c in keys},
+        "asd_voxel_missed": {c: summary_stat(summary, "asd_voxel", c, "missed") for c in keys},
+    }
 
 
 def plot_validation_curves(histories: dict[str, list[dict]], path: Path, title: str) -> Path:
@@ -209,11 +233,7 @@ def study_setup(name: str, profile: str, out: Path, budget: dict, data_root: Pat
     models = budget_models(out, history, budget["budget_marks"], budget["max_minutes"])
     for label, (model, iterations) in models.items():
         summary = evaluate_setup(profile, name, out, model, datalist, data_root, overrides)
-        rows.append({
-            "setup": name, "budget": label, "iterations": iterations, "wall_s": wall,
-            "dice": {c: mean_metric(summary, "dice", c) for c in [*class_names, "average"]},
-            "asd_voxel": {c: mean_metric(summary, "asd_voxel", c) for c in [*class_names, "average"]},
-        })
+        rows.append(study_row(name, label, iterations, wall, summary, class_names))
     done.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return rows
 

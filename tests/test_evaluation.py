@@ -15,6 +15,7 @@ import pytest
 from monai.bundle import run
 
 from scripts.evaluation import CSV_COLUMNS, format_summary, summarise, volume_key
+from scripts.metrics import METRIC_NAMES
 
 SHAPE = (16, 16, 8)
 SPACING = (1.5, 1.5, 2.0)
@@ -100,17 +101,20 @@ def test_evaluate_config_end_to_end(config_file, dataset, caplog, capsys) -> Non
     assert summary["num_volumes"] == 3 and summary["volumes"] == ["case_a", "case_b", "case_c"]
     dice_aa = summary["metrics"]["dice"]["AA"]
     assert dice_aa["mean"] == pytest.approx(250 / 3) and dice_aa["std"] == pytest.approx(np.std([100, 50, 100]))
-    asd_lac = summary["metrics"]["asd_voxel"]["LAC"]  # case_c's inf is counted, not averaged
-    assert asd_lac == {"mean": 0.0, "std": 0.0, "n": 2, "inf": 1, "nan": 0}
+    asd_lac = summary["metrics"]["asd_voxel"]["LAC"]  # case_c's inf is counted as a miss, not averaged
+    assert asd_lac == {"mean": 0.0, "std": 0.0, "n": 2, "missed": 1, "nan": 0, "num_volumes": 3}
     assert summary["metrics"]["dice"]["LAC"]["mean"] == pytest.approx(200 / 3)  # Dice 0 is averaged
-    assert summary["metrics"]["asd_voxel"]["average"]["n"] == 2  # case_c has an inf class
+    asd_average = summary["metrics"]["asd_voxel"]["average"]  # case_c misses LAC, so misses the average too
+    assert asd_average["missed"] == 1 and asd_average["num_volumes"] == 3
+    assert asd_average["mean"] == pytest.approx(np.mean([0, 6 / 7 / 4]))
     assert summary["metrics"]["dice"]["average"]["mean"] == pytest.approx(np.mean([100, 87.5, 75]))
     assert summary["empty"]["LAC"] == {"empty_prediction": ["case_c"], "empty_label": [], "both_empty": []}
 
     markdown = (out / "summary.md").read_text(encoding="utf-8")
     assert "| | AA | LAC | LVC | MYO | Average |" in markdown
     assert "| Dice (%) | 83.33 ± 23.57 | 66.67 ± 47.14 | 100.00 ± 0.00 | 100.00 ± 0.00 |" in markdown
-    assert "| ASD (voxel) | 0.29 ± 0.40 | 0.00 ± 0.00 (n=2) |" in markdown
+    assert ("| ASD (voxel) | 0.29 ± 0.40 | 0.00 ± 0.00 (1 of 3 volumes missed) | 0.00 ± 0.00 | 0.00 ± 0.00 "
+            "| 0.11 ± 0.11 (1 of 3 volumes missed) |") in markdown
     assert "Volumes: 3." in markdown
     assert ("LAC: 1 volume with an empty prediction (ASD/HD inf, excluded from the mean; Dice 0, included): case_c"
             in markdown)
@@ -142,8 +146,10 @@ def test_both_empty_and_empty_label_cells(config_file, tmp_path) -> None:
     assert "MYO: 1 volume with an empty label but a non-empty prediction (ASD/HD inf" in markdown
     assert "| 0.00 ± 0.00 (n=1) |" in markdown  # MYO Dice: v2's 0 only, v1's NaN left out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
-    assert summary["metrics"]["asd_mm"]["MYO"] == {"mean": None, "std": None, "n": 0, "inf": 1, "nan": 1}
-    assert "| ASD (voxel) | 0.00 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 | n/a | 0.00 ± 0.00 (n=1) |" in markdown
+    assert summary["metrics"]["asd_mm"]["MYO"] == {"mean": None, "std": None, "n": 0, "missed": 1, "nan": 1,
+                                                   "num_volumes": 2}
+    assert ("| ASD (voxel) | 0.00 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 | n/a (1 of 2 volumes missed) "
+            "| 0.00 ± 0.00 (1 of 2 volumes missed) |") in markdown
 
 
 def error_message(excinfo: pytest.ExceptionInfo) -> str:
@@ -205,17 +211,38 @@ def test_pairing_rule(name, role, key) -> None:
     assert volume_key(name, role) == key
 
 
-def test_summary_of_hand_made_rows() -> None:
-    def row(volume, c, value, pred_empty=False, label_empty=False):
-        metrics = {m: value for m in ("dice", "asd_voxel", "asd_mm", "hd_mm", "hd95_mm")}
-        return {"volume": volume, "class": c, "class_name": "AB"[c - 1], **metrics, "pred_empty": pred_empty,
-                "label_empty": label_empty}
+def hand_made_row(volume: str, c: int, value: float, pred_empty: bool = False) -> dict:
+    """One class of one volume with ``value`` for every metric, as VolumeEvaluation.score returns it."""
+    return {"volume": volume, "class": c, "class_name": "AB"[c - 1], **dict.fromkeys(METRIC_NAMES, value),
+            "pred_empty": pred_empty, "label_empty": False}
 
-    rows = [row("v1", 1, 2.0), row("v1", 2, 4.0), row("v2", 1, 6.0), row("v2", 2, math.inf, pred_empty=True)]
+
+def test_a_missed_structure_shows_in_its_class_and_in_the_average() -> None:
+    # v4 misses B entirely: its HD is inf, so v4 is a miss of B and of the average, not a good volume
+    rows = [hand_made_row(v, c, value) for v, c, value in
+            [("v1", 1, 2.0), ("v1", 2, 4.0), ("v2", 1, 6.0), ("v2", 2, 4.0), ("v3", 1, 4.0), ("v3", 2, 7.0),
+             ("v4", 1, 0.5)]]
+    rows.append(hand_made_row("v4", 2, math.inf, pred_empty=True))
     summary = summarise(rows, ["A", "B"])
-    assert summary["metrics"]["hd_mm"]["A"] == {"mean": 4.0, "std": 2.0, "n": 2, "inf": 0, "nan": 0}
-    assert summary["metrics"]["hd_mm"]["B"] == {"mean": 4.0, "std": 0.0, "n": 1, "inf": 1, "nan": 0}
-    assert summary["metrics"]["hd_mm"]["average"] == {"mean": 3.0, "std": 0.0, "n": 1, "inf": 1, "nan": 0}
+    hd = summary["metrics"]["hd_mm"]
+    assert hd["A"] == {"mean": 3.125, "std": pytest.approx(np.std([2, 6, 4, 0.5])), "n": 4, "missed": 0, "nan": 0,
+                       "num_volumes": 4}
+    assert hd["B"] == {"mean": 5.0, "std": pytest.approx(np.std([4, 4, 7])), "n": 3, "missed": 1, "nan": 0,
+                       "num_volumes": 4}
+    assert hd["average"] == {"mean": 4.5, "std": pytest.approx(np.std([3, 5, 5.5])), "n": 3, "missed": 1, "nan": 0,
+                             "num_volumes": 4}  # v4's 0.5 over the one class it found is not averaged
     markdown = format_summary(summary)
-    assert "| HD (mm) | 4.00 ± 2.00 | 4.00 ± 0.00 (n=1) | 3.00 ± 0.00 (n=1) |" in markdown
-    assert "B: 1 volume with an empty prediction (ASD/HD inf, excluded from the mean; Dice 0, included): v2" in markdown
+    assert "| HD (mm) | 3.12 ± 2.07 | 5.00 ± 1.41 (1 of 4 volumes missed) | 4.50 ± 1.08 (1 of 4 volumes missed) |" \
+        in markdown
+    assert "B: 1 volume with an empty prediction (ASD/HD inf, excluded from the mean; Dice 0, included): v4" in markdown
+
+
+def test_cells_without_misses_are_plain_mean_and_std() -> None:
+    rows = [hand_made_row(v, c, value) for v, c, value in [("v1", 1, 2.0), ("v1", 2, 4.0), ("v2", 1, 6.0),
+                                                            ("v2", 2, 4.0)]]
+    summary = summarise(rows, ["A", "B"])
+    assert summary["metrics"]["asd_voxel"]["average"] == {"mean": 4.0, "std": 1.0, "n": 2, "missed": 0, "nan": 0,
+                                                          "num_volumes": 2}
+    markdown = format_summary(summary)
+    assert "| ASD (voxel) | 4.00 ± 2.00 | 4.00 ± 0.00 | 4.00 ± 1.00 |" in markdown
+    assert "No empty prediction or label: every cell is over all 2 volumes." in markdown

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.utils import set_determinism
 
-from scripts.study import SETUPS, config_files, gap_closure, study
+from scripts.evaluation import summarise
+from scripts.metrics import METRIC_NAMES
+from scripts.study import SETUPS, config_files, gap_closure, study, study_row, study_table
 from scripts.translation_check import translation_check
 from tests.conftest import TINY
 
@@ -54,6 +57,8 @@ def test_study_command_writes_the_table_and_the_curves(tiny_dataset, tmp_path) -
         # the 0-minute mark is the first validation (iteration 1); the whole run ends at max_iterations
         assert r["iterations"] == (1 if r["budget"] == "0 min" else 2)
         assert 0.0 <= r["dice"]["average"] <= 100.0
+        assert r["asd_voxel_missed"].keys() == r["asd_voxel"].keys() and all(
+            isinstance(k, int) for k in r["asd_voxel_missed"].values())  # evaluate's miss counts are kept
     dice = {r["setup"]: r["dice"]["average"] for r in rows if r["budget"] == "60 min"}
     if dice["supervised"] != dice["source_only"]:
         closed = 100 * (dice["full"] - dice["source_only"]) / (dice["supervised"] - dice["source_only"])
@@ -83,6 +88,26 @@ def test_gap_closure_is_the_share_of_the_source_only_to_supervised_gap() -> None
             row("running_stats_all", None)]
     gap_closure(rows)
     assert [r["gap_closed"] for r in rows] == [0.0, 100.0, pytest.approx(60.0), None, None]
+
+
+def evaluated_summary(asd_of_b: dict[str, float]) -> dict:
+    """evaluate's summary of volumes whose class A has ASD 1 and class B the given ASD (inf: B missed)."""
+    rows = [{"volume": v, "class": c, "class_name": "AB"[c - 1], **dict.fromkeys(METRIC_NAMES, value),
+             "dice": 0.0 if math.isinf(value) else 100.0, "pred_empty": math.isinf(value), "label_empty": False}
+            for v, b in asd_of_b.items() for c, value in ((1, 1.0), (2, b))]
+    return summarise(rows, ["A", "B"])
+
+
+def test_asd_cells_and_results_keep_the_misses() -> None:
+    missed = study_row("full", "10 min", 5, 60.0, evaluated_summary({"v1": 3.0, "v2": 2.0, "v3": math.inf}),
+                       ["A", "B"])
+    assert missed["asd_voxel"] == {"A": 1.0, "B": 2.5, "average": 1.75}  # v3 is a miss of B and of the average
+    assert missed["asd_voxel_missed"] == {"A": 0, "B": 1, "average": 1}
+    all_found = study_row("source_only", "10 min", 5, 60.0, evaluated_summary({"v1": 3.0, "v2": 2.0}), ["A", "B"])
+    assert all_found["asd_voxel_missed"] == {"A": 0, "B": 0, "average": 0}
+    lines = study_table([missed, all_found], ["A", "B"]).splitlines()
+    asd_cells = [line.split(" | ")[5:8] for line in lines[2:]]  # ASD A, ASD B, ASD avg
+    assert asd_cells == [["1.00", "2.50 (1 miss)", "1.75 (1 miss)"], ["1.00", "2.50", "1.75"]]
 
 
 def losses_of_a_run(bundle_root, dataset_dir, out, iterations: int) -> list[dict[str, float]]:
