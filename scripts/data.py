@@ -46,10 +46,30 @@ def check_dataset(dataset_dir: str | os.PathLike, datalist: str | os.PathLike, n
     if not Path(datalist).is_file():
         raise DatasetNotFoundError(f"datalist {str(datalist)!r} does not exist.")
     entries = validation.read_datalist(datalist)
-    missing = [split for split in ("source_train", "target_train", "target_val") if not entries.get(split)]
+    missing = [split for split in validation.REQUIRED_SPLITS if not entries.get(split)]
     if missing:
         raise DatasetNotFoundError(f"datalist {str(datalist)!r} has no entries for {missing}.")
+    split_labelled(datalist, validation_split(datalist))  # all or none of the validation volumes have labels
     validation.validate_datalist(dataset_dir, datalist, num_classes)
+
+
+def validation_split(datalist: str | os.PathLike) -> str:
+    """The split validation scores: ``target_val``, or ``target_train`` when the datalist lists no target_val
+    (a user without any target label still gets the label-free criteria of scripts/selection.py)."""
+    return "target_val" if validation.read_datalist(datalist).get("target_val") else "target_train"
+
+
+def split_labelled(datalist: str | os.PathLike, split: str) -> bool:
+    """Whether every entry of ``split`` has a label (False when none has); a split with labels for some entries
+    and not others stops with one ERROR line naming them, since it cannot be scored either way."""
+    entries = validation.read_datalist(datalist).get(split, [])
+    unlabelled = [entry.get("image", "?") for entry in entries if not entry.get("label")]
+    if unlabelled and len(unlabelled) < len(entries):
+        raise validation.InputError(
+            f"{split} in {datalist} has labels for {len(entries) - len(unlabelled)} of {len(entries)} volumes, none "
+            f"for {unlabelled[:3]}{' ...' if len(unlabelled) > 3 else ''}: label every {split} volume, or none "
+            "(then models are selected without target labels: docs/selection.md)")
+    return bool(entries) and not unlabelled
 
 
 def read_split(datalist: str | os.PathLike, dataset_dir: str | os.PathLike, split: str) -> list[dict]:

@@ -276,12 +276,18 @@ def batch_norm_momentum(module: nn.Module, momentum: float | None) -> Iterator[l
 @contextmanager
 def running_stats_kept(module: nn.Module, keep: bool = True) -> Iterator[None]:
     """Within the block (if ``keep``), the module's batch-norm layers still normalise with batch statistics in
-    training mode but leave their running statistics, the ones evaluation uses, unchanged."""
+    training mode but leave their running statistics, the ones evaluation uses, unchanged (their batch counters
+    too, so a kept pass leaves no trace in a checkpoint)."""
     if not keep:
         yield
         return
-    with batch_norm_momentum(module, 0.0):
-        yield
+    with batch_norm_momentum(module, 0.0) as norms:
+        counts = [m.num_batches_tracked.clone() for m in norms if m.num_batches_tracked is not None]
+        try:
+            yield
+        finally:
+            for m, count in zip([m for m in norms if m.num_batches_tracked is not None], counts):
+                m.num_batches_tracked.copy_(count)
 
 
 def translate_as_in_training(encoder: nn.Module, decoder: nn.Module, images: torch.Tensor) -> torch.Tensor:

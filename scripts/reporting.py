@@ -15,6 +15,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.networks import translate_as_in_training
+from scripts.selection import LABEL_FREE
 
 logger = logging.getLogger("dsan")
 
@@ -90,8 +91,9 @@ class IntervalMeans:
 
 class ValidationReport:
     """After each validation: puts the mean Dice of every foreground class into ``engine.state.metrics``
-    as ``val_dice_<name>`` (so Stats/TensorBoard handlers log them), logs one line, and appends the
-    record to the JSON ``history_file`` (one entry per validation, keyed by training iteration).
+    as ``val_dice_<name>`` (so Stats/TensorBoard handlers log them), logs one line with the Dice (where the
+    validation volumes have labels) and every label-free selection criterion (scripts/selection.py), and appends
+    the record to the JSON ``history_file`` (one entry per validation, keyed by training iteration).
 
     Reads the per-volume, per-class details that MeanDice(save_details=True) keeps for ``metric_name``.
     A class absent from every validation volume is reported as nan (null in the JSON). With ``interval_means``
@@ -112,22 +114,31 @@ class ValidationReport:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
-    def __call__(self, engine: Engine) -> None:
+    def _dice(self, engine: Engine) -> tuple[float, list[float]] | None:
+        """(mean, per-class) Dice, or None without labels."""
+        if self.metric_name not in engine.state.metrics:
+            return None
         details = engine.state.metric_details[self.metric_name]  # (volumes, foreground classes)
         per_class = torch.nanmean(torch.as_tensor(details, dtype=torch.float32), dim=0).tolist()
         for class_name, value in zip(self.class_names, per_class):
             engine.state.metrics[f"val_dice_{class_name}"] = value
-        mean = float(engine.state.metrics[self.metric_name])
+        return float(engine.state.metrics[self.metric_name]), per_class
+
+    def __call__(self, engine: Engine) -> None:
+        dice = self._dice(engine)
+        criteria = {name: float(engine.state.metrics[f"val_{name}"]) for name in LABEL_FREE
+                    if f"val_{name}" in engine.state.metrics}
         translation = self.interval_means.pop() if self.interval_means is not None else {}
         engine.state.metrics.update({f"val_{key}": value for key, value in translation.items()})
-        logger.info("validation Dice (%%) at iteration %d: mean %.2f  %s%s",
-                    engine.state.epoch * self.iterations_per_epoch, 100 * mean,
-                    "  ".join(f"{n} {100 * v:.2f}" for n, v in zip(self.class_names, per_class)),
-                    describe_translation(translation))
+        iteration = engine.state.epoch * self.iterations_per_epoch
+        logger.info("validation at iteration %d: %s%s%s", iteration, describe_dice(dice, self.class_names),
+                    describe_criteria(criteria), describe_translation(translation))
         if self.history_file is not None:
-            self._append(engine.state.epoch * self.iterations_per_epoch, mean, per_class, translation)
+            self._append(iteration, dice, criteria, translation)
 
-    def _append(self, iteration: int, mean: float, per_class: list[float], translation: dict[str, float]) -> None:
+    def _append(self, iteration: int, dice: tuple[float, list[float]] | None, criteria: dict[str, float],
+                translation: dict[str, float]) -> None:
+        mean, per_class = dice if dice is not None else (math.nan, [math.nan] * len(self.class_names))
         history = read_history(self.history_file)
         history = [h for h in history if h["iteration"] != iteration]  # a resumed run may validate again
         history.append({
@@ -135,6 +146,7 @@ class ValidationReport:
             "time": time.time(),
             "mean_dice": None if math.isnan(mean) else mean,
             "class_dice": {n: None if math.isnan(v) else v for n, v in zip(self.class_names, per_class)},
+            "criteria": {n: None if math.isnan(v) else v for n, v in criteria.items()},
             **({"translation_w1": translation} if translation else {}),
             **self._elapsed(),
         })
@@ -146,6 +158,19 @@ class ValidationReport:
     def _elapsed(self) -> dict[str, float]:
         started = None if self.interval_means is None else self.interval_means.started
         return {} if started is None else {"elapsed_s": round(time.time() - started, 1)}
+
+
+def describe_dice(dice: tuple[float, list[float]] | None, class_names: Sequence[str]) -> str:
+    """'Dice (%) mean 61.20  AA 70.10  ...', or that there are no labels to score."""
+    if dice is None:
+        return "no target labels (Dice not computed)"
+    mean, per_class = dice
+    return f"Dice (%) mean {100 * mean:.2f}  " + "  ".join(f"{n} {100 * v:.2f}" for n, v in zip(class_names, per_class))
+
+
+def describe_criteria(criteria: dict[str, float]) -> str:
+    """'  |  confidence 0.912, info_max 0.301, symmetry 0.774' (empty without them)."""
+    return "  |  " + ", ".join(f"{name} {value:.3f}" for name, value in criteria.items()) if criteria else ""
 
 
 def describe_translation(distances: dict[str, float]) -> str:

@@ -37,11 +37,13 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")  # in the order a folder is searched for <s
 MAX_LISTED = 10  # missing files / faults listed in one message (and faults collected before stopping)
 LOG_EVERY = 20  # a progress line every this many volumes read
 # the files of each split that training and validation read; target_train labels are never read
-SPLIT_KEYS = {"source_train": ("image", "label"), "target_train": ("image",), "target_val": ("image", "label"),
+# (target_val labels are optional: without them models are selected label-free, scripts/selection.py)
+SPLIT_KEYS = {"source_train": ("image", "label"), "target_train": ("image",), "target_val": ("image",),
               "target_test": ("image", "label"), "source_test": ("image", "label")}
-REQUIRED_SPLITS = ("source_train", "target_train", "target_val")
+OPTIONAL_LABEL_SPLITS = ("target_val",)
+REQUIRED_SPLITS = ("source_train", "target_train")
 # every split a datalist may hold (docs/data.md), in the order scripts.prepare writes them
-SPLITS = (*REQUIRED_SPLITS, "target_test", "source_test", "target_train_labels")
+SPLITS = (*REQUIRED_SPLITS, "target_val", "target_test", "source_test", "target_train_labels")
 # arguments of monai.bundle's `run` (and of the workflow it creates) that are not config ids
 RUN_ARGS = frozenset({"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking",
                       "args_file", "workflow_name", "workflow_type", "properties_path"})
@@ -257,11 +259,13 @@ def _entries(datalist: str | os.PathLike, dataset_dir: str | os.PathLike) -> lis
                           f"not a {type(items).__name__}.")
             continue
         for i, item in enumerate(items):
-            paths = {k: item.get(k) for k in keys} if isinstance(item, dict) else {}
-            bad = [k for k in keys if not isinstance(paths.get(k), str) or not paths[k]]
+            labelled = split in OPTIONAL_LABEL_SPLITS and isinstance(item, dict) and "label" in item
+            needed = (*keys, "label") if labelled else keys
+            paths = {k: item.get(k) for k in needed} if isinstance(item, dict) else {}
+            bad = [k for k in needed if not isinstance(paths.get(k), str) or not paths[k]]
             if bad:
-                faults.append(f"entry {i} of split {split!r} in datalist {name!r} needs {' and '.join(keys)} as one "
-                              f"file path each (bad or missing: {bad}): {item!r}")
+                faults.append(f"entry {i} of split {split!r} in datalist {name!r} needs {' and '.join(needed)} as "
+                              f"one file path each (bad or missing: {bad}): {item!r}")
                 continue
             resolved = {k: os.path.normpath(os.path.join(str(dataset_dir), p)) for k, p in paths.items()}
             entries.append(_Entry(split, i, resolved["image"], resolved.get("label")))
