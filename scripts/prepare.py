@@ -566,9 +566,13 @@ def _move_into_place(tmp: pathlib.Path, output_dir: pathlib.Path) -> None:
         os.replace(tmp, output_dir)
 
 
-def _write_dataset(output_dir: pathlib.Path, items: Sequence[_Item], process: _Processor, metadata: dict
-                   ) -> pathlib.Path:
+def _write_dataset(output_dir: pathlib.Path, items: Sequence[_Item], process: _Processor, metadata: dict,
+                   target_labels: bool = True) -> pathlib.Path:
+    """Every item processed and written, then the datalist; without ``target_labels`` no target label file is
+    written or listed (target_val and target_test list images only, no target_train_labels), as a user without
+    target labels has it."""
     dataset = metadata["dataset"]
+    metadata["target_labels"] = bool(target_labels)
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
@@ -583,16 +587,22 @@ def _write_dataset(output_dir: pathlib.Path, items: Sequence[_Item], process: _P
             entry = {"image": f"{item.split}/{item.stem}_image.nii.gz"}
             label_path = f"{item.split}/{item.stem}_label.nii.gz"
             _save_nifti(image, affine, tmp / entry["image"])
-            _save_nifti(label, affine, tmp / label_path)
-            if item.split == "target_train":
+            if not target_labels and item.split.startswith("target"):
+                datalist[item.split].append(entry)
+            elif item.split == "target_train":
+                _save_nifti(label, affine, tmp / label_path)
                 datalist["target_train"].append(entry)
                 target_train_labels.append({**entry, "label": label_path})
             else:
+                _save_nifti(label, affine, tmp / label_path)
                 datalist[item.split].append({**entry, "label": label_path})
             logger.info("prepare %s: [%d/%d] %s %s -> %s (shape %s, %s)", dataset, n, len(items), item.modality,
                         item.image.name, entry["image"], "x".join(map(str, image.shape)),
                         "".join(nib.aff2axcodes(affine)))
-        datalist["target_train_labels"] = target_train_labels
+        if target_labels:
+            datalist["target_train_labels"] = target_train_labels
+        else:
+            del datalist["target_train_labels"]
         if not datalist["source_test"]:  # listed only with --hold_out_source_test
             del datalist["source_test"]
         metadata["counts"] = {k: len(v) for k, v in datalist.items()}
@@ -792,6 +802,7 @@ def prepare_mmwhs(
     no_crop: bool = False,
     label_aliases: Mapping[int, int] | None = None,
     overwrite: bool = False,
+    without_target_labels: bool = False,
 ) -> pathlib.Path:
     """MMWHS 2017: mr_train / ct_train folders (<case>_image / <case>_label volumes) -> dataset + datalist.
 
@@ -826,6 +837,8 @@ def prepare_mmwhs(
         label_aliases: extra raw values accepted as a known MMWHS value, e.g. '{421: 420}' for a LAC voxel
             written 421; without it any value outside the MMWHS set is an error.
         overwrite: replace a non-empty output_dir (only once the new dataset is complete).
+        without_target_labels: write and list no target label (target_val / target_test images only): the
+            datalist of a user without target labels, whose models are selected label-free (docs/selection.md).
 
     Returns:
         Path of ``output_dir/datalist.json``.
@@ -861,7 +874,7 @@ def prepare_mmwhs(
     metadata = _metadata("mmwhs", modalities, HEART_CLASS_NAMES, mapping, "RAS", crop,
                          _heart_split_metadata(plan, seed, test_fraction, val_fraction, hold_out_source_test),
                          splits, {"source_dir": str(src_dir), "target_dir": str(tgt_dir)})
-    return _write_dataset(out, items, process, metadata)
+    return _write_dataset(out, items, process, metadata, target_labels=not without_target_labels)
 
 
 # -------------------------------------------------------------------------------------------------- SIFA
@@ -897,6 +910,7 @@ def prepare_sifa(
     val_fraction: float = 0.1,
     hold_out_source_test: bool = False,
     overwrite: bool = False,
+    without_target_labels: bool = False,
 ) -> pathlib.Path:
     """SIFA's preprocessed MMWHS release (.npz volumes: arr_0 image, arr_1 label) -> dataset + datalist.
 
@@ -921,6 +935,8 @@ def prepare_sifa(
         val_fraction: share of the remaining target training patients moved to target_val (default 0.1).
         hold_out_source_test: move the source modality's test patients to a labelled source_test split.
         overwrite: replace a non-empty output_dir (only once the new dataset is complete).
+        without_target_labels: write and list no target label (target_val / target_test images only): the
+            datalist of a user without target labels, whose models are selected label-free (docs/selection.md).
 
     Returns:
         Path of ``output_dir/datalist.json``.
@@ -954,7 +970,7 @@ def prepare_sifa(
                          {"enabled": False, "note": "SIFA's volumes are already cropped around the heart"},
                          _heart_split_metadata(plan, seed, test_fraction, val_fraction, hold_out_source_test),
                          splits, {"source_dir": str(src_dir), "target_dir": str(tgt_dir)})
-    return _write_dataset(out, items, process, metadata)
+    return _write_dataset(out, items, process, metadata, target_labels=not without_target_labels)
 
 
 # ------------------------------------------------------------------------------------------------- BraTS
@@ -994,6 +1010,7 @@ def prepare_brats(
     test_fraction: float = 0.2,
     val_fraction: float = 0.1,
     overwrite: bool = False,
+    without_target_labels: bool = False,
 ) -> pathlib.Path:
     """BraTS 2018 case folders (<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz) -> whole-tumour dataset + datalist.
 
@@ -1012,6 +1029,8 @@ def prepare_brats(
         test_fraction: share of the target half that goes to target_test (default 0.2).
         val_fraction: share of the remaining target cases moved to target_val (default 0.1).
         overwrite: replace a non-empty output_dir (only once the new dataset is complete).
+        without_target_labels: write and list no target label (target_val / target_test images only): the
+            datalist of a user without target labels, whose models are selected label-free (docs/selection.md).
 
     Returns:
         Path of ``output_dir/datalist.json``.
@@ -1062,7 +1081,7 @@ def prepare_brats(
                          {"method": "random disjoint halves", "split_file": None, "seed": seed,
                           "test_fraction": test_fraction, "val_fraction": val_fraction},
                          splits, {"data_dir": str(root)})
-    return _write_dataset(out, items, process, metadata)
+    return _write_dataset(out, items, process, metadata, target_labels=not without_target_labels)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -37,10 +37,10 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")  # in the order a folder is searched for <s
 MAX_LISTED = 10  # missing files / faults listed in one message (and faults collected before stopping)
 LOG_EVERY = 20  # a progress line every this many volumes read
 # the files of each split that training and validation read; target_train labels are never read
-# (target_val labels are optional: without them models are selected label-free, scripts/selection.py)
+# (target labels are optional: without them models are selected label-free, scripts/selection.py)
 SPLIT_KEYS = {"source_train": ("image", "label"), "target_train": ("image",), "target_val": ("image",),
-              "target_test": ("image", "label"), "source_test": ("image", "label")}
-OPTIONAL_LABEL_SPLITS = ("target_val",)
+              "target_test": ("image",), "source_test": ("image", "label")}
+OPTIONAL_LABEL_SPLITS = ("target_val", "target_test")
 REQUIRED_SPLITS = ("source_train", "target_train")
 # every split a datalist may hold (docs/data.md), in the order scripts.prepare writes them
 SPLITS = (*REQUIRED_SPLITS, "target_val", "target_test", "source_test", "target_train_labels")

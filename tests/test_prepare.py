@@ -187,6 +187,22 @@ def test_mmwhs_splits_labels_orientation_and_crop(mmwhs: dict) -> None:
         assert img.shape == tuple(hi - lo)
 
 
+def test_mmwhs_without_target_labels_lists_and_writes_no_target_label(mmwhs: dict) -> None:
+    from scripts.data import check_dataset, split_labelled
+
+    out = mmwhs["root"] / "prepared"
+    path = prepare_mmwhs(source_dir=mmwhs["source_dir"], target_dir=mmwhs["target_dir"], output_dir=out,
+                         no_crop=True, without_target_labels=True)
+    datalist = load_datalist(path)
+    assert "target_train_labels" not in datalist and datalist["metadata"]["target_labels"] is False
+    for split in ("target_train", "target_val", "target_test"):
+        assert datalist[split] and all(set(e) == {"image"} for e in datalist[split])
+    assert all(set(e) == {"image", "label"} for e in datalist["source_train"])
+    assert not list(out.glob("target_*/*_label.nii.gz"))
+    check_dataset(out, path, num_classes=5)  # training accepts it
+    assert not split_labelled(path, "target_val")
+
+
 def test_mmwhs_no_crop(mmwhs: dict) -> None:
     out = mmwhs["root"] / "prepared"
     datalist = load_datalist(prepare_mmwhs(source_dir=mmwhs["source_dir"], target_dir=mmwhs["target_dir"],
