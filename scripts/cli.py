@@ -9,6 +9,7 @@ import fire
 from scripts import benchmark
 from scripts.prepare import PrepareCommand
 from scripts.recalibration import recalibrate
+from scripts.selection_study import selection_study
 from scripts.study import study
 from scripts.translation_check import translation_check
 
@@ -32,5 +33,6 @@ class BenchmarkCommand:
 
 
 def main() -> None:
-    fire.Fire({"benchmark": BenchmarkCommand(), "prepare": PrepareCommand(), "recalibrate": recalibrate, "study": study,
+    fire.Fire({"benchmark": BenchmarkCommand(), "prepare": PrepareCommand(), "recalibrate": recalibrate,
+               "selection_study": selection_study, "study": study,
                "translation_check": translation_check})

@@ -81,7 +81,7 @@ def test_the_saved_model_is_the_validation_the_criterion_ranks_best(bundle_root,
     val = json.loads(tiny_dataset.read_text(encoding="utf-8"))["target_val"]
     datalist = write_datalist(tiny_dataset, "unlabelled_val.json", target_val=[{"image": e["image"]} for e in val])
     train(bundle_root, tiny_dataset, tmp_path, datalist, iterations=4, selection="confidence",
-          **{"train#checkpoint_saver#n_saved": None})
+          **{"train#checkpoint_saver#n_saved": 1000})
     scores = [h["criteria"]["confidence"] for h in read_history(tmp_path / "validation.json")]
     assert len(set(scores)) == 4  # the ranking is not a tie
     best_epoch = 1 + scores.index(max(scores))
@@ -96,3 +96,22 @@ def test_a_target_val_labelled_for_some_volumes_only_is_refused(bundle_root, tin
     datalist = write_datalist(tiny_dataset, "mixed.json", target_val=[val[0], {"image": val[1]["image"]}])
     with pytest.raises(SystemExit, match=r"^ERROR: target_val in .* has labels for 1 of 2 volumes"):
         train(bundle_root, tiny_dataset, tmp_path, datalist)
+
+
+def test_selection_study_scores_every_checkpoint_and_reports_regret(bundle_root, tiny_dataset, tmp_path) -> None:
+    from scripts.selection_study import selection_study
+
+    run_dir = tmp_path / "run"
+    train(bundle_root, tiny_dataset, run_dir, str(tiny_dataset), iterations=3,
+          **{"train#checkpoint_saver#n_saved": 1000})
+    overrides = {"dataset_dir": str(tiny_dataset.parent), **TINY}
+    table = selection_study(run_dir, output_dir=tmp_path / "study", **overrides)
+    records = json.loads((tmp_path / "study" / "checkpoints.json").read_text(encoding="utf-8"))["/".join(
+        run_dir.parts[-2:])]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["target_labels"]["regret"] == [0.0]  # the reference picks itself
+    best_val = max(records, key=lambda r: r["target_labels"])
+    assert summary["last"]["regret"] == [pytest.approx(100 * (best_val["test_dice"] - records[-1]["test_dice"]))]
+    assert set(summary) == {"target_labels", "last", "confidence", "info_max", "symmetry"}
+    assert table.count("\n") == 6 and (tmp_path / "study" / "criteria.png").stat().st_size > 0
