@@ -6,16 +6,18 @@ holds what a config cannot express in a line.
 
 from __future__ import annotations
 
-import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.data import Dataset, load_decathlon_datalist
-from monai.data.utils import set_rnd
+from monai.utils import MAX_SEED
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Sampler
 
 from scripts import validation
 
@@ -87,6 +89,73 @@ def preprocessed_slices(entries: Iterable[dict], transform: Callable) -> Iterato
         yield {key: torch.as_tensor(item[key]).permute(3, 0, 1, 2).float() for key in ("image", "label") if key in item}
 
 
+class SeededRandomSampler(Sampler[tuple[int, int]]):
+    """RandomSampler(replacement=True) whose draws are a function of (``seed``, ``rank``, epoch, pass within the
+    epoch) alone: each pass draws ``num_samples`` items of ``data_source`` with replacement, each paired with a
+    seed for its random transforms (``SeededItems`` takes the pairs).
+
+    No process's global generator is involved, so ranks draw differently, a run resumed at an epoch boundary
+    draws what the uninterrupted run drew, and data-loader workers hold no state that matters.
+    ``SamplerEpochs`` tells it the trainer's epoch.
+    """
+
+    def __init__(self, data_source: Sized, num_samples: int, seed: int = 0, rank: int = 0) -> None:
+        self.num_items = len(data_source)
+        self.num_samples = num_samples
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+        self.passes = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        # a generator, so a pass counts only once iterated: a DataLoader starting its workers creates and
+        # discards one sampler iterator
+        rng = np.random.default_rng([self.seed, self.rank, self.epoch, self.passes])
+        self.passes += 1
+        indices = rng.integers(self.num_items, size=self.num_samples)
+        seeds = rng.integers(MAX_SEED, size=self.num_samples)
+        yield from zip(indices.tolist(), seeds.tolist())
+
+
+class SeededItems(TorchDataset):
+    """``dataset`` indexed by ``SeededRandomSampler``'s (index, seed) pairs: its random transforms are reseeded
+    from the pair's seed before each item, so an item's crop and rotation depend on the draw alone, not on which
+    data-loader worker, with its own copy of the transforms, produces it."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, draw: tuple[int, int]) -> Any:
+        index, seed = draw
+        self.dataset.transform.set_random_state(seed=seed)
+        return self.dataset[index]
+
+
+class SamplerEpochs:
+    """At each epoch start, gives the training samplers the trainer's epoch, which a resumed run restores
+    from its checkpoint (a DistributedSampler, too, reshuffles only when told)."""
+
+    def __init__(self, samplers: Sequence[Sampler]) -> None:
+        self.samplers = list(samplers)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for sampler in self.samplers:
+            sampler.set_epoch(engine.state.epoch)
+
+
 class UnpairedBatches:
     """An endless stream of unpaired training batches: each item holds a labelled source batch and an
     unlabelled target batch drawn independently, as DSAN's iteration needs.
@@ -101,10 +170,7 @@ class UnpairedBatches:
 
     @staticmethod
     def _forever(loader: Iterable[dict]) -> Iterator[dict]:
-        for epoch in itertools.count():
-            sampler = getattr(loader, "sampler", None)
-            if hasattr(sampler, "set_epoch"):  # a DistributedSampler reshuffles only when told
-                sampler.set_epoch(epoch)
+        while True:
             empty = True
             for batch in loader:
                 empty = False
@@ -115,21 +181,3 @@ class UnpairedBatches:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for source, target in zip(self._forever(self.source_loader), self._forever(self.target_loader)):
             yield {"source_image": source["image"], "source_label": source["label"], "target_image": target["image"]}
-
-
-class EpochSeededAugmentation:
-    """At each epoch start, reseeds the random transforms of the training datasets from torch's generator.
-
-    Torch's generator state is part of every checkpoint (scripts.checkpoints.RNGState), so a run resumed at an
-    epoch boundary draws exactly the crops and rotations that the uninterrupted run drew.
-    """
-
-    def __init__(self, datasets: Sequence[Dataset]) -> None:
-        self.datasets = list(datasets)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        for dataset in self.datasets:
-            set_rnd(dataset, seed=int(torch.randint(0, 2**31 - 1, ()).item()))

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,9 +61,15 @@ def test_kill_9_then_rerun_ends_in_the_state_of_an_uninterrupted_run(bundle_root
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
-    a = torch.load(uninterrupted / "checkpoint_epoch=4.pt", weights_only=True)
-    b = torch.load(killed / "checkpoint_epoch=4.pt", weights_only=True)
-    assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == 40
+    assert_same_final_state(uninterrupted, killed, epoch=4, iterations=40)
+
+
+def assert_same_final_state(uninterrupted: Path, resumed: Path, epoch: int, iterations: int) -> None:
+    """The two runs' last checkpoints hold bit-identical networks and optimiser moments, and they validated the
+    same."""
+    a = torch.load(uninterrupted / f"checkpoint_epoch={epoch}.pt", weights_only=True)
+    b = torch.load(resumed / f"checkpoint_epoch={epoch}.pt", weights_only=True)
+    assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == iterations
     for network in ("segmenter", "decoder_s", "decoder_t", "image_discriminator_t", "prediction_discriminators"):
         for name, tensor in a[network].items():
             torch.testing.assert_close(b[network][name], tensor, rtol=0, atol=0, msg=f"{network}.{name}")
@@ -71,8 +78,26 @@ def test_kill_9_then_rerun_ends_in_the_state_of_an_uninterrupted_run(bundle_root
                                rtol=0, atol=0)
     assert a["validation"]["best_metric"] == b["validation"]["best_metric"]
     assert a["grad_scaler"] == b["grad_scaler"] == {}  # amp off: the scaler is disabled and has no state
-    assert [h["mean_dice"] for h in read_history(uninterrupted / "validation.json")] == \
-        [h["mean_dice"] for h in read_history(killed / "validation.json")]
+    assert validation_records(uninterrupted) == validation_records(resumed)
+
+
+def validation_records(run_dir: Path) -> list[dict]:
+    """The run's validation history without its wall-clock times."""
+    return [{k: v for k, v in h.items() if k not in ("time", "elapsed_s")}
+            for h in read_history(run_dir / "validation.json")]
+
+
+def test_resume_with_persistent_data_workers_ends_in_the_state_of_an_uninterrupted_run(
+        bundle_root, tiny_dataset, tmp_path) -> None:
+    # 2 workers per loader, each with its own copy of the random transforms (train.yaml keeps them alive)
+    common = dict(config_file=[str(bundle_root / "configs/train.yaml"), str(bundle_root / "configs/demo.yaml")],
+                  logging_file=False, dataset_dir=str(tiny_dataset.parent), prepare_dataset="$lambda: None",
+                  val_interval=2, **{**TINY, "num_workers": 2})
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    run("training", output_dir=str(uninterrupted), max_iterations=4, **common)
+    run("training", output_dir=str(resumed), max_iterations=2, **common)
+    run("training", output_dir=str(resumed), max_iterations=4, **common)
+    assert_same_final_state(uninterrupted, resumed, epoch=2, iterations=4)
 
 
 def test_non_finite_loss_stops_naming_the_term_and_iteration_with_weights_untouched() -> None:
