@@ -65,7 +65,7 @@ def test_configs_instantiate_trainer_and_evaluator(bundle_root, tiny_dataset, tm
     val_interval = parser.get_parsed_content("val_interval")
     assert trainer.state.max_epochs * trainer.state.epoch_length == max_iterations
     assert trainer.state.epoch_length == val_interval
-    assert evaluator.network is trainer.segmenter
+    assert evaluator.network.segmenter is trainer.segmenter and evaluator.network.decoder_s is trainer.decoder_s
     assert trainer.terms == set(parser.get_parsed_content("terms"))
     expected_width = parser.get_parsed_content("encoder_width")
     assert trainer.segmenter.encoder.layer4_channels == int(round(512 * expected_width)) * 4
