@@ -91,22 +91,18 @@ def link_split(entries: list[dict], key: str, dataset_dir: Path, folder: Path) -
     return folder
 
 
-def evaluate_setup(profile: str, setup: str, out: Path, model: Path, datalist: Path, dataset_dir: Path,
-                   overrides: dict) -> dict:
+def evaluate_setup(out: Path, model: Path, datalist: Path, dataset_dir: Path) -> dict:
     """Segment the target test volumes with ``model`` (a best model selected on target_val) and score them in
-    ``<out>/test_<model name>``."""
-    parser = bundle_config(profile, setup, **overrides)
-    network = {k: parser.get(k) for k in ("encoder_width", "num_classes", "slice_axcodes")}
+    ``<out>/test_<model name>``; the network, slicing and classes are the model's own (its model.json)."""
     test = json.loads(datalist.read_text(encoding="utf-8"))["target_test"]
     images = link_split(test, "image", dataset_dir, out / "test_images")
     labels = link_split(test, "label", dataset_dir, out / "test_labels")
     results = out / f"test_{model.stem}"
     run(config_file=str(BUNDLE_ROOT / "configs" / "inference.yaml"), bundle_root=str(BUNDLE_ROOT),
-        dataset_dir=str(images), output_dir=str(results / "predictions"), ckpt_path=str(model),
-        logging_file=False, **network)
+        dataset_dir=str(images), output_dir=str(results / "predictions"), ckpt_path=str(model), logging_file=False)
     run(config_file=str(BUNDLE_ROOT / "configs" / "evaluate.yaml"), bundle_root=str(BUNDLE_ROOT),
         pred_dir=str(results / "predictions"), label_dir=str(labels), output_dir=str(results / "evaluation"),
-        num_classes=network["num_classes"], class_names=parser.get("class_names"), logging_file=False)
+        ckpt_path=str(model), logging_file=False)
     return json.loads((results / "evaluation" / "summary.json").read_text(encoding="utf-8"))
 
 
@@ -242,14 +238,13 @@ def failure_line(row: dict) -> str:
 
 
 def study_setup(name: str, profile: str, out: Path, budget: dict, data_root: Path, datalist: Path,
-                class_names: Sequence[str], overrides: dict, threads: int | None = None) -> list[dict]:
+                class_names: Sequence[str], threads: int | None = None) -> list[dict]:
     """Train one setup and evaluate its best model at every budget; with ``threads``, in this many torch threads
     and logging to ``<out>/train.log`` (a study running setups side by side). A setup whose results are already
     in ``<out>/study_rows.json`` (a study run before into the same folder) is not trained again. A setup that
     raises gives one ``failed_row`` (its traceback appended to ``<out>/train.log``), so the others still run."""
     try:
-        return trained_and_evaluated(name, profile, out, budget, data_root, datalist, class_names, overrides,
-                                     threads)
+        return trained_and_evaluated(name, profile, out, budget, data_root, datalist, class_names, threads)
     except (Exception, SystemExit) as error:  # guards end a run with SystemExit: a failed setup all the same
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "train.log", "a", encoding="utf-8") as log:
@@ -258,7 +253,7 @@ def study_setup(name: str, profile: str, out: Path, budget: dict, data_root: Pat
 
 
 def trained_and_evaluated(name: str, profile: str, out: Path, budget: dict, data_root: Path, datalist: Path,
-                          class_names: Sequence[str], overrides: dict, threads: int | None) -> list[dict]:
+                          class_names: Sequence[str], threads: int | None) -> list[dict]:
     done = out / "study_rows.json"
     if done.is_file():
         logger.info("study: %s already trained and evaluated: reusing %s (delete %s to retrain)", name, done, out)
@@ -276,7 +271,7 @@ def trained_and_evaluated(name: str, profile: str, out: Path, budget: dict, data
     rows = []
     models = budget_models(out, history, budget["budget_marks"], budget["max_minutes"])
     for label, (model, iterations) in models.items():
-        summary = evaluate_setup(profile, name, out, model, datalist, data_root, overrides)
+        summary = evaluate_setup(out, model, datalist, data_root)
         rows.append(study_row(name, label, iterations, wall, summary, class_names))
     done.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return rows
@@ -316,10 +311,10 @@ def study(
     data = {k: v for k, v in (("dataset_dir", dataset_dir), ("datalist", datalist)) if v is not None}
     budget.update(data)
     budget.update(overrides)
-    parser = bundle_config(profile, "full", **data, **overrides)  # class names as the setups' evaluation sees them
+    parser = bundle_config(profile, "full", **data, **overrides)  # class names as the setups' models record them
     common = {"profile": profile, "budget": budget, "data_root": Path(parser.get_parsed_content("dataset_dir")),
               "datalist": Path(parser.get_parsed_content("datalist")),
-              "class_names": parser.get_parsed_content("class_names"), "overrides": {**data, **overrides}}
+              "class_names": parser.get_parsed_content("class_names")}
     if jobs == 1:
         per_setup = []
         for index, name in enumerate(setups, 1):
