@@ -227,8 +227,9 @@ def test_tracking_settings_and_args_file_ids(bundle_root, tmp_path) -> None:
     assert {"max_iterations", "tracking_uri", "experiment_name", "train"} <= known
     args = tmp_path / "args.yaml"
     args.write_text(f"config_file: {configs[0]}\nmax_iteratons: 3\n")
-    call = validation._with_args_file(None, None, ["seed"], str(args))
-    assert call.config_file == configs[0] and call.overrides == ["seed", "max_iteratons"]
+    call = validation._with_args_file(None, None, {"seed": 1}, str(args))
+    assert call.config_file == configs[0] and sorted(call.overrides) == ["max_iteratons", "seed"]
+    assert call.values == {"max_iteratons": 3, "seed": 1}  # the explicit arguments win over the args_file
 
 
 def test_overrides_read_from_a_monai_bundle_command_line() -> None:
