@@ -22,7 +22,8 @@ from scripts.networks import running_stats_kept, set_requires_grad
 from scripts.trainer import DSANTrainer
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-PROFILES = {"demo": ["configs/train.yaml", "configs/demo.yaml"], "paper": ["configs/train.yaml"]}
+PROFILES = {"demo": ["configs/train.yaml", "configs/cpu.yaml", "configs/demo.yaml"],
+            "cpu": ["configs/train.yaml", "configs/cpu.yaml"], "paper": ["configs/train.yaml"]}
 NETWORK_IDS = ["network", "decoder_s", "decoder_t", "image_discriminator_s", "image_discriminator_t",
                "prediction_discriminators"]
 OPTIMIZER_IDS = ["optimizer_seg", "optimizer_dec", "optimizer_d_image", "optimizer_d_pred"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
+
+from scripts.validation import InputError
 
 logger = logging.getLogger("dsan")
 
@@ -145,19 +149,82 @@ class CheckpointWriteError(SystemExit):
     """A checkpoint that could not be written (full disk, unwritable folder): one message, no traceback."""
 
 
+# ---- model.json: what a saved model was trained with ---------------------------------------------------
+
+def settings_file(model: str | os.PathLike) -> Path:
+    """The sidecar of a model file (``model.json`` beside ``model.pt``): model.pt itself stays a plain state dict,
+    as Model Zoo tools (ckpt_export, verify_net_in_out) expect."""
+    return Path(model).with_suffix(".json")
+
+
+def write_model_settings(model: str | os.PathLike, settings: Mapping[str, Any]) -> None:
+    """Write ``settings`` to the sidecar of ``model`` through a temporary file and a rename, so a reader never
+    sees half a file."""
+    path = settings_file(model)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(dict(settings), indent=1), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def read_model_settings(model: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar of ``model`` (empty when there is none: a model saved before sidecars existed)."""
+    path = settings_file(model)
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{str(path)!r}, the settings of model {str(model)!r}, is not valid JSON ({e}).") from None
+    if not isinstance(settings, dict):
+        raise InputError(f"{str(path)!r}, the settings of model {str(model)!r}, must be a JSON object.")
+    return settings
+
+
+def model_setting(model: str | os.PathLike | None, key: str, bundle_root: str | os.PathLike) -> Any:
+    """The ``key`` the model was trained with (its sidecar), else (no sidecar, or no model) configs/train.yaml's
+    default: how inference.yaml and evaluate.yaml take a model's network and slicing from ``--ckpt_path`` alone."""
+    settings = {} if model is None else read_model_settings(model)
+    if key in settings:
+        return settings[key]
+    from monai.bundle import ConfigParser
+
+    return ConfigParser.load_config_file(Path(bundle_root) / "configs" / "train.yaml")[key]
+
+
+def check_model(model: str | os.PathLike | None, settings: Mapping[str, Any]) -> None:
+    """Before anything is built: ``model`` exists, and every one of ``settings`` (the values the config ended with,
+    overrides included) agrees with what the model was trained with. One InputError otherwise; no model (an
+    evaluation given none) has nothing to check."""
+    if model is None:
+        return
+    if not Path(model).is_file():
+        raise InputError(f"ckpt_path {str(model)!r} does not exist: pass the model.pt that training wrote "
+                         "(in ckpt_dir, models/ by default; output_dir for the CPU profiles' runs).")
+    trained = read_model_settings(model)
+    contradicted = [f"--{key} {settings[key]!r} but the model was trained with {trained[key]!r}"
+                    for key in settings if key in trained and json.loads(json.dumps(settings[key])) != trained[key]]
+    if contradicted:
+        raise InputError(f"{'; '.join(contradicted)} ({settings_file(model)}). Drop the override: the model's "
+                         "own settings are used.")
+
+
 class _ReportingDiskSaver(BaseSaveHandler):
     """Wraps ignite's DiskSaver: writes atomically, deletes the checkpoint that n_saved no longer keeps only
     after the new one is safely written (ignite asks for the removal first), and turns an OSError into a
-    CheckpointWriteError."""
+    CheckpointWriteError. With ``model_settings``, each file written gets that sidecar (``write_model_settings``)."""
 
-    def __init__(self, saver: Any) -> None:
+    def __init__(self, saver: Any, model_settings: Mapping[str, Any] | None = None) -> None:
         saver._atomic = True  # MONAI turns it off; ignite's temp-file-and-rename is what keeps old files intact
         self.saver = saver
+        self.model_settings = model_settings
         self._to_remove: list[str] = []
 
     def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
         try:
             self.saver(checkpoint, filename, metadata)
+            if self.model_settings is not None:  # MONAI's fixed-name saver writes model.pt whatever ignite names it
+                written = getattr(self.saver, "filename", None) or filename
+                write_model_settings(Path(self.saver.dirname) / written, self.model_settings)
         except OSError as error:
             raise CheckpointWriteError(
                 f"ERROR: could not write checkpoint {filename} in {self.saver.dirname}: {error}. Nothing was "
@@ -180,13 +247,14 @@ class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI's CheckpointSaver writing each file to a temporary name and renaming it into place (ignite's
     atomic DiskSaver, which also keeps group/other read permission), so a kill, a full disk or an I/O error
     mid-write never leaves a truncated checkpoint and the previous one stays intact; a failed write ends the
-    run with one message saying what happened."""
+    run with one message saying what happened. ``model_settings`` (train.yaml's) go into a sidecar beside each
+    file saved (``model.json`` beside ``model.pt``), which inference reads to rebuild and feed the network."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, model_settings: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
-                checkpoint.save_handler = _ReportingDiskSaver(checkpoint.save_handler)
+                checkpoint.save_handler = _ReportingDiskSaver(checkpoint.save_handler, model_settings)
 
 
 def ensure_writable(directory: str | os.PathLike) -> Path:

@@ -27,8 +27,9 @@ HOW_TO_GET_DATA = """\
 Prepare real data as a datalist JSON (format: docs/data.md) and point the bundle at it:
     python -m monai.bundle run training --config_file configs/train.yaml \\
         --dataset_dir /path/to/data --datalist /path/to/data/datalist.json
-or run the self-contained CPU demo, which generates its own phantom data:
-    python -m monai.bundle run demo --config_file "['configs/train.yaml','configs/demo.yaml']\""""
+(on a CPU: --config_file "['configs/train.yaml','configs/cpu.yaml']"), or run the self-contained CPU demo,
+which generates its own phantom data:
+    python -m monai.bundle run demo --config_file "['configs/train.yaml','configs/cpu.yaml','configs/demo.yaml']\""""
 
 
 class DatasetNotFoundError(SystemExit):

@@ -15,7 +15,7 @@ from scripts.reporting import format_duration, read_history
 
 logger = logging.getLogger("dsan")
 
-DEMO_CONFIGS = ["configs/train.yaml", "configs/demo.yaml"]
+DEMO_CONFIGS = ["configs/train.yaml", "configs/cpu.yaml", "configs/demo.yaml"]
 
 
 def train_demo_run(bundle_root: str | os.PathLike, output_dir: str | os.PathLike, extra_configs: list[str]) -> float:

@@ -27,10 +27,13 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressLogger:
-    """Every ``interval`` iterations: iteration i/N, seconds per iteration, ETA, and each loss term."""
+    """Every ``interval`` iterations: iteration i/N, seconds per iteration, ETA, and each loss term. With
+    ``max_minutes`` (the run's wall-clock budget, ``scripts.trainer.WallClockBudget``) the ETA is the nearer of
+    max_iterations and the end of the budget, the one the run will actually reach."""
 
-    def __init__(self, interval: int = 10) -> None:
+    def __init__(self, interval: int = 10, max_minutes: float | None = None) -> None:
         self.interval = interval
+        self.max_minutes = max_minutes
         self._start_time = 0.0
         self._start_iteration = -1
 
@@ -46,12 +49,14 @@ class ProgressLogger:
     def _log(self, engine: Engine) -> None:
         done = engine.state.iteration - self._start_iteration
         total = engine.state.max_epochs * engine.state.epoch_length
-        per_it = (time.perf_counter() - self._start_time) / max(done, 1)
+        elapsed = time.perf_counter() - self._start_time
+        per_it = elapsed / max(done, 1)
+        eta, end = per_it * (total - engine.state.iteration), ""
+        if self.max_minutes is not None and 60.0 * self.max_minutes - elapsed < eta:
+            eta, end = max(0.0, 60.0 * self.max_minutes - elapsed), f" (the {self.max_minutes:g} min budget)"
         terms = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(engine.state.output.items()))
-        logger.info(
-            "iter %d/%d  %.2f s/it  ETA %s  %s",
-            engine.state.iteration, total, per_it, format_duration(per_it * (total - engine.state.iteration)), terms,
-        )
+        logger.info("iter %d/%d  %.2f s/it  ETA %s%s  %s", engine.state.iteration, total, per_it,
+                    format_duration(eta), end, terms)
 
 
 TRANSLATION_KEYS = ("w1_s2t_t", "w1_t2s_s", "w1_s_t")

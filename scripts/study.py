@@ -12,6 +12,7 @@ import math
 import multiprocessing
 import os
 import time
+import traceback
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -23,7 +24,9 @@ from scripts.reporting import format_duration, read_history
 logger = logging.getLogger("dsan")
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-PROFILES = {"demo": ["configs/demo.yaml"], "paper": []}
+# override files of each profile, between train.yaml and the setup's: cpu sizes the networks for a CPU, demo adds
+# the phantom (generated into dataset_dir)
+PROFILES = {"demo": ["configs/cpu.yaml", "configs/demo.yaml"], "cpu": ["configs/cpu.yaml"], "paper": []}
 # setup name -> (override file on train.yaml or None for the full method, label as in the paper's tables)
 SETUPS = {
     "source_only": ("configs/source_only.yaml", "L_seg^s only (no adaptation)"),
@@ -88,22 +91,18 @@ def link_split(entries: list[dict], key: str, dataset_dir: Path, folder: Path) -
     return folder
 
 
-def evaluate_setup(profile: str, setup: str, out: Path, model: Path, datalist: Path, dataset_dir: Path,
-                   overrides: dict) -> dict:
+def evaluate_setup(out: Path, model: Path, datalist: Path, dataset_dir: Path) -> dict:
     """Segment the target test volumes with ``model`` (a best model selected on target_val) and score them in
-    ``<out>/test_<model name>``."""
-    parser = bundle_config(profile, setup, **overrides)
-    network = {k: parser.get(k) for k in ("encoder_width", "num_classes", "slice_axcodes")}
+    ``<out>/test_<model name>``; the network, slicing and classes are the model's own (its model.json)."""
     test = json.loads(datalist.read_text(encoding="utf-8"))["target_test"]
     images = link_split(test, "image", dataset_dir, out / "test_images")
     labels = link_split(test, "label", dataset_dir, out / "test_labels")
     results = out / f"test_{model.stem}"
     run(config_file=str(BUNDLE_ROOT / "configs" / "inference.yaml"), bundle_root=str(BUNDLE_ROOT),
-        dataset_dir=str(images), output_dir=str(results / "predictions"), ckpt_path=str(model),
-        logging_file=False, **network)
+        dataset_dir=str(images), output_dir=str(results / "predictions"), ckpt_path=str(model), logging_file=False)
     run(config_file=str(BUNDLE_ROOT / "configs" / "evaluate.yaml"), bundle_root=str(BUNDLE_ROOT),
         pred_dir=str(results / "predictions"), label_dir=str(labels), output_dir=str(results / "evaluation"),
-        num_classes=network["num_classes"], class_names=parser.get("class_names"), logging_file=False)
+        ckpt_path=str(model), logging_file=False)
     return json.loads((results / "evaluation" / "summary.json").read_text(encoding="utf-8"))
 
 
@@ -128,6 +127,10 @@ def gap_closure(rows: list[dict]) -> None:
         own = dice[(r["setup"], r["budget"])]
         usable = None not in (low, high, own) and high != low
         r["gap_closed"] = 100 * (own - low) / (high - low) if usable else None
+
+
+def outcome(rows: list[dict]) -> str:
+    return "FAILED (reported at the end)" if any("failed" in r for r in rows) else "done"
 
 
 def study_table(rows: list[dict], class_names: Sequence[str]) -> str:
@@ -210,11 +213,47 @@ def plot_validation_curves(histories: dict[str, list[dict]], path: Path, title: 
     return path
 
 
+def failure_cause(error: BaseException) -> str:
+    """One line saying why a setup failed: a guard's own message (an ``ERROR:`` SystemExit) without its prefix,
+    otherwise the exception's type and first line."""
+    if isinstance(error, SystemExit):
+        text = str(error.code).strip()
+        text = text.removeprefix("ERROR:").strip()
+    else:
+        text = f"{type(error).__name__}: {str(error).strip()}".rstrip(": ")
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def failed_row(name: str, out: Path, error: BaseException) -> dict:
+    """The one row of a setup whose training or evaluation raised: no scores, the cause and the log holding the
+    traceback."""
+    history = read_history(out / "validation.json")
+    return {"setup": name, "budget": "FAILED", "iterations": history[-1]["iteration"] if history else 0,
+            "wall_s": 0.0, "dice": {}, "asd_voxel": {}, "asd_voxel_missed": {}, "failed": failure_cause(error),
+            "log": str(out / "train.log")}
+
+
+def failure_line(row: dict) -> str:
+    return f"ERROR: study setup {row['setup']} failed (log: {row['log']}): {row['failed']}"
+
+
 def study_setup(name: str, profile: str, out: Path, budget: dict, data_root: Path, datalist: Path,
-                class_names: Sequence[str], overrides: dict, threads: int | None = None) -> list[dict]:
+                class_names: Sequence[str], threads: int | None = None) -> list[dict]:
     """Train one setup and evaluate its best model at every budget; with ``threads``, in this many torch threads
     and logging to ``<out>/train.log`` (a study running setups side by side). A setup whose results are already
-    in ``<out>/study_rows.json`` (a study run before into the same folder) is not trained again."""
+    in ``<out>/study_rows.json`` (a study run before into the same folder) is not trained again. A setup that
+    raises gives one ``failed_row`` (its traceback appended to ``<out>/train.log``), so the others still run."""
+    try:
+        return trained_and_evaluated(name, profile, out, budget, data_root, datalist, class_names, threads)
+    except (Exception, SystemExit) as error:  # guards end a run with SystemExit: a failed setup all the same
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "train.log", "a", encoding="utf-8") as log:
+            traceback.print_exc(file=log)
+        return [failed_row(name, out, error)]
+
+
+def trained_and_evaluated(name: str, profile: str, out: Path, budget: dict, data_root: Path, datalist: Path,
+                          class_names: Sequence[str], threads: int | None) -> list[dict]:
     done = out / "study_rows.json"
     if done.is_file():
         logger.info("study: %s already trained and evaluated: reusing %s (delete %s to retrain)", name, done, out)
@@ -232,7 +271,7 @@ def study_setup(name: str, profile: str, out: Path, budget: dict, data_root: Pat
     rows = []
     models = budget_models(out, history, budget["budget_marks"], budget["max_minutes"])
     for label, (model, iterations) in models.items():
-        summary = evaluate_setup(profile, name, out, model, datalist, data_root, overrides)
+        summary = evaluate_setup(out, model, datalist, data_root)
         rows.append(study_row(name, label, iterations, wall, summary, class_names))
     done.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return rows
@@ -258,6 +297,9 @@ def study(
         raise SystemExit(f"ERROR: unknown setups {unknown}; choose from {sorted(SETUPS)}")
     if profile not in PROFILES:
         raise SystemExit(f"ERROR: profile must be one of {sorted(PROFILES)}")
+    if profile == "demo" and dataset_dir is not None and "prepare_dataset" not in overrides:
+        raise SystemExit(f"ERROR: profile demo generates its phantom into dataset_dir {dataset_dir!r}; train your "
+                         "own data on a CPU with --profile cpu")
     if jobs < 1:
         raise SystemExit(f"ERROR: jobs must be at least 1, got {jobs}")
     marks = [float(m) for m in ([budget_marks] if isinstance(budget_marks, (int, float)) else budget_marks)]
@@ -269,15 +311,16 @@ def study(
     data = {k: v for k, v in (("dataset_dir", dataset_dir), ("datalist", datalist)) if v is not None}
     budget.update(data)
     budget.update(overrides)
-    parser = bundle_config(profile, "full", **data)
+    parser = bundle_config(profile, "full", **data, **overrides)  # class names as the setups' models record them
     common = {"profile": profile, "budget": budget, "data_root": Path(parser.get_parsed_content("dataset_dir")),
               "datalist": Path(parser.get_parsed_content("datalist")),
-              "class_names": parser.get_parsed_content("class_names"), "overrides": {**data, **overrides}}
+              "class_names": parser.get_parsed_content("class_names")}
     if jobs == 1:
         per_setup = []
         for index, name in enumerate(setups, 1):
             logger.info("study: setup %d/%d %s -> %s", index, len(setups), name, out_root / name)
             per_setup.append(study_setup(name, out=out_root / name, **common))
+            logger.info("study: %s %s", name, outcome(per_setup[-1]))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         # the workers log to their own files: this process says on the console what runs where
@@ -287,7 +330,7 @@ def study(
             futures = {pool.submit(study_setup, name, out=out_root / name, threads=threads, **common): name
                        for name in setups}
             for future in as_completed(futures):
-                print(f"study: {futures[future]} done", flush=True)
+                print(f"study: {futures[future]} {outcome(future.result())}", flush=True)
             per_setup = [future.result() for future in futures]
     rows = [row for setup_rows in per_setup for row in setup_rows]
     gap_closure(rows)
@@ -298,4 +341,8 @@ def study(
     budget_text = f"{max_minutes:g} min" if max_minutes is not None else f"{max_iterations} iterations"
     plot_validation_curves(histories, out_root / "validation_dice.png",
                            f"target validation Dice, profile {profile}, {budget_text}")
+    failures = [failure_line(row) for row in rows if "failed" in row]
+    if failures:
+        print(table, flush=True)  # a non-zero exit: fire prints no return value
+        raise SystemExit("\n".join(failures))
     return table  # fire prints it

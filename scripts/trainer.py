@@ -36,6 +36,7 @@ from monai.engines import Trainer, Workflow
 from torch import nn
 
 from scripts import losses
+from scripts.checkpoints import settings_file
 from scripts.distributed import average_gradients, broadcast_from_rank_zero, rank
 from scripts.metrics import intensity_distance
 from scripts.networks import Segmenter, frozen, running_stats_kept
@@ -252,6 +253,8 @@ class WallClockBudget:
             return
         snapshot = self.best_model.with_name(f"model_{mark:g}min.pt")
         shutil.copyfile(self.best_model, snapshot)
+        if settings_file(self.best_model).is_file():  # the snapshot is as usable on its own as model.pt
+            shutil.copyfile(settings_file(self.best_model), settings_file(snapshot))
         record_file = self.best_model.with_name("budget_marks.json")
         records = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
         records[f"{mark:g}"] = {"model": snapshot.name, "iteration": iteration, "elapsed_s": round(elapsed, 1)}

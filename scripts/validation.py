@@ -357,6 +357,13 @@ def config_ids(config_file: Any) -> set[str]:
     return ids
 
 
+def _merged_config(config_file: Any) -> dict[str, Any]:
+    """The config files of a run merged as MONAI merges them (later files win)."""
+    from monai.bundle import ConfigParser
+
+    return ConfigParser.load_config_files(_config_paths(config_file))
+
+
 def tracking_ids(tracking: Any) -> set[str]:
     """The ids a ``--tracking`` setting adds to the config (its ``configs`` section)."""
     from monai.bundle import ConfigParser
@@ -391,24 +398,26 @@ def check_ids(ids: Iterable[str], known: Iterable[str], config_files: Sequence[s
 
 @dataclass
 class RunCall:
-    """What ``monai.bundle run`` was given: its config file(s), tracking setting and override ids."""
+    """What ``monai.bundle run`` was given: its config file(s), tracking setting, override ids and their values."""
 
     config_file: Any
     tracking: Any = None
     overrides: list[str] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
 
 
-def _with_args_file(config_file: Any, tracking: Any, overrides: Iterable[str], args_file: Any) -> RunCall:
+def _with_args_file(config_file: Any, tracking: Any, overrides: Mapping[str, Any], args_file: Any) -> RunCall:
     """Merge an ``args_file`` the way MONAI does: its entries are defaults, the explicit arguments win."""
-    overrides = list(overrides)
+    values = dict(overrides)
     if args_file is not None:
         from monai.bundle import ConfigParser
 
         args = ConfigParser.load_config_file(str(args_file))
         config_file = args.get("config_file") if config_file is None else config_file
         tracking = args.get("tracking") if tracking is None else tracking
-        overrides += [k for k in args if k not in RUN_ARGS and k not in overrides]
-    return RunCall(config_file, tracking, [k for k in overrides if k not in RUN_ARGS])
+        values = {**args, **values}
+    values = {k: v for k, v in values.items() if k not in RUN_ARGS}
+    return RunCall(config_file, tracking, list(values), values)
 
 
 def run_call_from_stack() -> RunCall | None:
@@ -459,6 +468,32 @@ def run_call_from_argv(argv: Sequence[str]) -> RunCall | None:
                            values, values.get("args_file"))
 
 
+def config_value(config: Mapping[str, Any], key: str) -> Any:
+    """The raw value of a (possibly nested, ``a#b``) id in a loaded config; None where it has none."""
+    node: Any = config
+    for part in key.split("#"):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def check_boolean_overrides(values: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Raise InputError for a boolean id given as the text "true" / "false": Fire, behind the monai.bundle command
+    line, turns only Python's ``True`` / ``False`` into booleans, and the text would reach torch as a string
+    (``--amp true``: "argument 'enabled' must be bool, not str") or count as true in a condition."""
+    textual = [k for k, v in values.items()
+               if isinstance(v, str) and v.lower() in ("true", "false") and isinstance(config_value(config, k), bool)]
+    if textual:
+        given = ", ".join(f"--{k} {values[k]}" for k in textual)
+        fixed = " ".join(f"--{k} {values[k].capitalize()}" for k in textual)
+        raise InputError(f"{given}: the monai.bundle command line passes this as text, not a boolean; write "
+                         f"{fixed} (True and False capitalised, as in Python).")
+
+
 def check_override_ids() -> None:
     """Stop when an id given to ``monai.bundle run`` (on the command line, in an ``args_file`` or as a keyword
     of ``monai.bundle.run``) is defined by none of the config files run, nor by the ``--tracking`` settings:
@@ -467,7 +502,8 @@ def check_override_ids() -> None:
     Meant as the first line of a run list (``$scripts.validation.check_override_ids()``). A config expression
     cannot see the parser, so the arguments are read from the ``monai.bundle.run`` call on the stack, or from
     ``sys.argv`` of a ``python -m monai.bundle run`` command line; when neither is found (a ``ConfigWorkflow``
-    built directly) nothing is checked.
+    built directly) nothing is checked. A boolean id given as the text "true" / "false" stops here too
+    (``check_boolean_overrides``).
     """
     try:
         call = run_call_from_stack() or run_call_from_argv(sys.argv)
@@ -475,8 +511,10 @@ def check_override_ids() -> None:
             logger.debug("override check skipped: no `monai.bundle run` call found")
             return
         known = config_ids(call.config_file) | tracking_ids(call.tracking) | {"_meta_"}
+        config = call.config_file if isinstance(call.config_file, Mapping) else _merged_config(call.config_file)
     except Exception as e:  # MONAI itself has read these files; never fail a run on re-reading them
         logger.warning("override check skipped: cannot re-read the run's arguments or config files (%s)", e)
         return
     check_ids(call.overrides, known, _config_paths(call.config_file) if not isinstance(call.config_file, Mapping)
               else ())
+    check_boolean_overrides(call.values, config)

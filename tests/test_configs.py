@@ -20,7 +20,7 @@ from scripts.checkpoints import latest_checkpoint
 from scripts.reporting import read_history
 from tests.conftest import TINY
 
-OVERRIDES = ["configs/demo.yaml", "configs/source_only.yaml"]
+OVERRIDES = ["configs/cpu.yaml", "configs/demo.yaml", "configs/source_only.yaml"]
 TOP_LEVEL_IDS = ["bundle_root", "dataset_dir", "datalist", "output_dir", "device", "seed", "max_iterations",
                  "val_interval", "batch_size", "roi_size", "encoder_width", "num_classes", "lambda_rec",
                  "lambda_adv", "lambda_gen", "lambda_seg", "lambda_secadv"]

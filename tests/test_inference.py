@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import nibabel as nib
@@ -13,6 +14,7 @@ from torch import nn
 
 from scripts.inference import list_volumes
 from scripts.networks import Segmenter
+from tests.conftest import TINY
 
 
 class ThresholdSegmenter(nn.Module):
@@ -99,10 +101,10 @@ def test_inference_network_and_preprocessing_match_training(bundle_root) -> None
     infer_cfg = ConfigParser.load_config_file(str(bundle_root / "configs" / "inference.yaml"))
     train_cfg = ConfigParser.load_config_file(str(bundle_root / "configs" / "train.yaml"))
     assert infer_cfg["network_def"] == train_cfg["network_def"]
-    for key in ("num_classes", "encoder_width", "slice_axcodes", "pixel_spacing"):
-        assert infer_cfg[key] == train_cfg[key], key
     infer_parser = ConfigParser(infer_cfg)
     infer_parser.update({"bundle_root": str(bundle_root)})
+    for key in ("num_classes", "encoder_width", "slice_axcodes", "pixel_spacing"):  # a model without model.json
+        assert infer_parser.get_parsed_content(key) == train_cfg[key], key
     train_steps = ConfigParser(train_cfg).get_parsed_content("preprocessing")
     infer_steps = infer_parser.get_parsed_content("preprocessing").transforms
     assert [type(t) for t in infer_steps] == [type(t) for t in train_steps]
@@ -136,3 +138,44 @@ def test_inference_benchmark_compares_bundle_and_bare_runs(capsys) -> None:
     assert result["bundle_s_per_volume"] > 0 and result["bare_s_per_volume"] > 0
     assert result["throughput_ratio"] == pytest.approx(result["bare_s_per_volume"] / result["bundle_s_per_volume"])
     assert "throughput bundle / bare" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def trained_model(bundle_root, tiny_dataset, tmp_path_factory):
+    """model.pt of a TINY run with a width and slicing of its own (not train.yaml's 1.0 and RSA)."""
+    out = tmp_path_factory.mktemp("trained")
+    run("training", config_file=str(bundle_root / "configs" / "train.yaml"), bundle_root=str(bundle_root),
+        dataset_dir=str(tiny_dataset.parent), output_dir=str(out), ckpt_dir=str(out), logging_file=False,
+        device="$torch.device('cpu')", max_iterations=2, val_interval=1, slice_axcodes="RAS", **TINY)
+    return out / "model.pt"
+
+
+def test_a_trained_model_is_segmented_with_its_own_settings_from_ckpt_path_alone(bundle_root, tmp_path,
+                                                                                  trained_model) -> None:
+    state = torch.load(trained_model, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # still a plain state dict (Model Zoo tools)
+    settings = json.loads(trained_model.with_suffix(".json").read_text(encoding="utf-8"))
+    assert settings == {"encoder_width": 0.125, "num_classes": 5, "class_names": ["AA", "LAC", "LVC", "MYO"],
+                        "slice_axcodes": "RAS", "pixel_spacing": None, "running_stats": "target"}
+    (tmp_path / "in").mkdir()
+    write_volume(tmp_path / "in" / "case_01.nii.gz")
+    infer(bundle_root, tmp_path / "in", tmp_path / "out", trained_model)
+    assert nib.load(str(tmp_path / "out" / "case_01_seg.nii.gz")).shape == (37, 45, 11)
+    # an explicit override the model agrees with is fine
+    infer(bundle_root, tmp_path / "in", tmp_path / "again", trained_model, slice_axcodes="RAS")
+
+
+def test_an_override_that_contradicts_the_model_is_one_error_line(bundle_root, tmp_path, trained_model) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        infer(bundle_root, tmp_path, tmp_path / "out", trained_model, encoder_width=1.0)
+    message = str(stopped.value.code)
+    assert message.startswith("ERROR: --encoder_width 1.0 but the model was trained with 0.125 (")
+    assert "\n" not in message and str(trained_model.with_suffix(".json")) in message
+
+
+def test_a_missing_checkpoint_stops_before_the_engine_starts(bundle_root, tmp_path) -> None:
+    (tmp_path / "in").mkdir()
+    write_volume(tmp_path / "in" / "case_01.nii.gz")
+    with pytest.raises(SystemExit, match=r"^ERROR: ckpt_path '.*/nowhere\.pt' does not exist: pass the model\.pt"):
+        infer(bundle_root, tmp_path / "in", tmp_path / "out", tmp_path / "nowhere.pt")
+    assert not (tmp_path / "out").exists()

@@ -151,3 +151,39 @@ def test_translation_check_reports_per_class_intensities_of_a_trained_run(tiny_d
         assert gap_translated == pytest.approx(abs(x_s2t - x_t), abs=2e-3)
         assert gap_untranslated == pytest.approx(abs(x_s - x_t), abs=2e-3)
     assert rows["MYO"][0] < 0 < rows["MYO"][1]  # the phantom's myocardium: dark in the source, bright in the target
+
+
+def test_cpu_profile_trains_your_own_data_with_your_class_names(tiny_dataset, tmp_path) -> None:
+    files_before = sorted(p.name for p in tiny_dataset.parent.rglob("*"))
+    table = study(setups=["full"], profile="cpu", max_iterations=2, val_interval=1, output_dir=tmp_path / "study",
+                  dataset_dir=str(tiny_dataset.parent), class_names=["A", "B", "C", "D"], **TINY)
+    assert sorted(p.name for p in tiny_dataset.parent.rglob("*")) == files_before  # no phantom generated into it
+    header, _, row = table.splitlines()
+    assert "| Dice A | Dice B | Dice C | Dice D |" in header
+    assert "n/a" not in row.split(" | ")[2]  # the overridden class names are the ones the scores are read with
+    results = json.loads((tmp_path / "study" / "results.json").read_text(encoding="utf-8"))
+    assert set(results[0]["dice"]) == {"A", "B", "C", "D", "average"}
+
+
+def test_the_demo_profile_refuses_your_own_dataset_dir(tmp_path) -> None:
+    with pytest.raises(SystemExit, match="^ERROR: profile demo generates its phantom .* --profile cpu$"):
+        study(profile="demo", dataset_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failed_setup_is_reported_and_the_others_finish(tiny_dataset, tmp_path, capsys, jobs) -> None:
+    # the full method's L_adv^sec weight is NaN: its training stops at the first iteration, source-only is unaffected
+    poisoned = {"lambda_secadv": "$float('nan') if 'adv_sec' in @terms else 0.1"}
+    with pytest.raises(SystemExit) as stopped:
+        study(setups=["source_only", "full"], profile="cpu", max_iterations=2, val_interval=1, jobs=jobs,
+              output_dir=tmp_path / "study", dataset_dir=str(tiny_dataset.parent), **poisoned, **TINY)
+    log = tmp_path / "study" / "full" / "train.log"
+    assert str(stopped.value.code) == f"ERROR: study setup full failed (log: {log}): non-finite loss: " + (
+        str(stopped.value.code).split("non-finite loss: ", 1)[1])
+    assert "\n" not in str(stopped.value.code) and "Traceback" in log.read_text(encoding="utf-8")
+    rows = json.loads((tmp_path / "study" / "results.json").read_text(encoding="utf-8"))
+    assert [(r["setup"], r["budget"]) for r in rows] == [("source_only", "whole run"), ("full", "FAILED")]
+    assert rows[0]["dice"]["average"] is not None and "failed" not in rows[0]
+    table = (tmp_path / "study" / "table.md").read_text(encoding="utf-8")
+    assert "| + L_adv^sec (full DSAN) | FAILED |" in table
+    assert "study: full done" not in capsys.readouterr().out

@@ -314,6 +314,7 @@ def test_wall_clock_budget_stops_at_the_last_validation_that_fits_and_keeps_mark
     def one_minute_iteration(engine: Engine, batch: object) -> None:
         clock["now"] += 60.0
         best.write_text(f"best after iteration {engine.state.iteration}")  # what the best-model saver would do
+        best.with_suffix(".json").write_text(f"settings after iteration {engine.state.iteration}")
 
     engine = Engine(one_minute_iteration)
     WallClockBudget(minutes=3.5, marks=[2.0], best_model=best).attach(engine)
@@ -322,8 +323,30 @@ def test_wall_clock_budget_stops_at_the_last_validation_that_fits_and_keeps_mark
     assert engine.state.epoch == 3
     # the last validation within 2 minutes is at 2 minutes: its best model is kept for the 2-minute budget
     assert (tmp_path / "model_2min.pt").read_text() == "best after iteration 2"
+    assert (tmp_path / "model_2min.json").read_text() == "settings after iteration 2"  # its model.json with it
     marks = json.loads((tmp_path / "budget_marks.json").read_text())
     assert marks == {"2": {"model": "model_2min.pt", "iteration": 2, "elapsed_s": 120.0}}
+
+
+@pytest.mark.parametrize("max_minutes, eta", [(None, "ETA 16:38:00  loss"), (30, "ETA 28:00 (the 30 min budget)"),
+                                              (6000, "ETA 16:38:00  loss")])
+def test_the_eta_is_the_nearer_of_max_iterations_and_the_wall_clock_budget(monkeypatch, caplog, max_minutes,
+                                                                           eta) -> None:
+    from scripts.reporting import ProgressLogger
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr("scripts.reporting.time.perf_counter", lambda: clock["now"])
+
+    def one_minute_iteration(engine: Engine, batch: object) -> dict:
+        clock["now"] += 60.0
+        return {"loss": 1.0}
+
+    engine = Engine(one_minute_iteration)
+    ProgressLogger(interval=2, max_minutes=max_minutes).attach(engine)
+    engine.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda e: e.terminate())
+    with caplog.at_level("INFO", logger="dsan"):
+        engine.run(range(1), max_epochs=1000)  # 998 one-minute iterations left after the second
+    assert f"iter 2/1000  60.00 s/it  {eta}" in caplog.text
 
 
 def test_previews_translate_as_the_training_passes_do(tmp_path) -> None:

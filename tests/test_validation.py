@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from scripts import validation
 from scripts.data import DatasetNotFoundError, check_dataset
 from scripts.inference import list_volumes
 from scripts.validation import InputError, check_ids, run_call_from_argv, validate_datalist
+from tests.conftest import TINY
 
 SHAPE = (12, 10, 4)
 
@@ -225,8 +227,9 @@ def test_tracking_settings_and_args_file_ids(bundle_root, tmp_path) -> None:
     assert {"max_iterations", "tracking_uri", "experiment_name", "train"} <= known
     args = tmp_path / "args.yaml"
     args.write_text(f"config_file: {configs[0]}\nmax_iteratons: 3\n")
-    call = validation._with_args_file(None, None, ["seed"], str(args))
-    assert call.config_file == configs[0] and call.overrides == ["seed", "max_iteratons"]
+    call = validation._with_args_file(None, None, {"seed": 1}, str(args))
+    assert call.config_file == configs[0] and sorted(call.overrides) == ["max_iteratons", "seed"]
+    assert call.values == {"max_iteratons": 3, "seed": 1}  # the explicit arguments win over the args_file
 
 
 def test_overrides_read_from_a_monai_bundle_command_line() -> None:
@@ -295,3 +298,29 @@ def test_checking_stops_after_ten_faults_and_other_formats_go_through_monai(tmp_
     (tmp_path / "other" / "scan.mha").write_bytes(b"not an image")
     with pytest.raises(InputError, match=r"image '.*scan.mha' cannot be read: MONAI's LoadImage"):
         list_volumes(tmp_path / "other", validate=True)
+
+
+def readme_flags(bundle_root, ids: str) -> list[str]:
+    """The README's own spelling of the ``ids`` flags (e.g. ``--amp True --channels_last True``), as tokens."""
+    readme = (bundle_root / "README.md").read_text(encoding="utf-8")
+    pattern = r"\s+".join(rf"--{name} \S+" for name in ids.split())
+    return re.search(f"`({pattern})`", readme).group(1).split()
+
+
+def test_readme_boolean_flags_train(bundle_root, tiny_dataset, tmp_path) -> None:
+    tiny = [item for k, v in TINY.items() for item in (f"--{k}", str(v).replace(" ", ""))]
+    result = bundle_run(bundle_root, *readme_flags(bundle_root, "amp channels_last"),
+                        "--dataset_dir", str(tiny_dataset.parent), "--output_dir", str(tmp_path / "out"),
+                        "--device", "$torch.device('cpu')", "--max_iterations", "2", "--val_interval", "2", *tiny)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "model.pt").is_file()
+
+
+def test_boolean_flags_typed_as_text_are_one_error_line(bundle_root, tmp_path) -> None:
+    result = bundle_run(bundle_root, "--amp", "true", "--channels_last", "false", "--output_dir", str(tmp_path / "out"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("ERROR: ")]
+    assert error == ["ERROR: --amp true, --channels_last false: the monai.bundle command line passes this as text, "
+                     "not a boolean; write --amp True --channels_last False (True and False capitalised, as in "
+                     "Python)."]
+    assert not (tmp_path / "out").exists()
