@@ -11,11 +11,21 @@ from pathlib import Path
 
 from monai.bundle import run
 
+from scripts.phantom import generate_demo_dataset
 from scripts.reporting import format_duration, read_history
 
 logger = logging.getLogger("dsan")
 
 DEMO_CONFIGS = ["configs/train.yaml", "configs/cpu.yaml", "configs/demo.yaml"]
+
+
+def prepare_phantom(dataset_dir: str | os.PathLike, size_profile: str) -> Path:
+    """The phantom dataset in ``dataset_dir``, once the CPU sizes are known to be in force: demo.yaml layered on
+    train.yaml without cpu.yaml would train the paper-size networks on it, for hours."""
+    if size_profile != "cpu":
+        raise SystemExit("ERROR: configs/demo.yaml needs configs/cpu.yaml before it (the phantom is CPU-sized): "
+                         "--config_file \"['configs/train.yaml','configs/cpu.yaml','configs/demo.yaml']\"")
+    return generate_demo_dataset(dataset_dir)
 
 
 def train_demo_run(bundle_root: str | os.PathLike, output_dir: str | os.PathLike, extra_configs: list[str]) -> float:

@@ -172,3 +172,17 @@ def test_table_v_wiring_and_pretrained_encoder_from_config(bundle_root, tiny_dat
     assert trainer.decoder_s is trainer.decoder_t
     dec_params = [p for g in trainer.generator_optimizers[1].param_groups for p in g["params"]]
     assert len(dec_params) == len({id(p) for p in dec_params}) == len(list(trainer.decoder_t.parameters()))
+
+
+def test_the_demo_without_the_cpu_profile_stops_before_training(bundle_root, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+                             "['configs/train.yaml','configs/demo.yaml']", "--dataset_dir", str(tmp_path / "data"),
+                             "--output_dir", str(tmp_path / "out")], cwd=bundle_root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+    assert errors == [line for line in errors if "configs/demo.yaml needs configs/cpu.yaml" in line] and errors
+    assert "Traceback" not in result.stderr and not (tmp_path / "data").exists()  # nothing generated
