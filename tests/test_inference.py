@@ -156,7 +156,8 @@ def test_a_trained_model_is_segmented_with_its_own_settings_from_ckpt_path_alone
     assert all(isinstance(v, torch.Tensor) for v in state.values())  # still a plain state dict (Model Zoo tools)
     settings = json.loads(trained_model.with_suffix(".json").read_text(encoding="utf-8"))
     assert settings == {"encoder_width": 0.125, "num_classes": 5, "class_names": ["AA", "LAC", "LVC", "MYO"],
-                        "slice_axcodes": "RAS", "pixel_spacing": None, "running_stats": "target"}
+                        "slice_axcodes": "RAS", "pixel_spacing": None, "running_stats": "target",
+                        "selection": "target_labels"}
     (tmp_path / "in").mkdir()
     write_volume(tmp_path / "in" / "case_01.nii.gz")
     infer(bundle_root, tmp_path / "in", tmp_path / "out", trained_model)
