@@ -111,18 +111,19 @@ def bare_runner(parts: dict, batches: tuple[dict, dict], iterations: int) -> Cal
         l_s, l_s2t = seg.classify(f_s), seg.classify(encode(x_s2t.detach()))
         l_t, l_t2s = seg.classify(f_t), seg.classify(encode(x_t2s.detach()))
         p_s, p_s2t, p_t, p_t2s = (losses.prediction_maps(lg, size) for lg in (l_s, l_s2t, l_t, l_t2s))
+        # Eq. (5), (6): reconstruction (3), (4) and image adversarial (1), (2) terms
         gen_t = losses.generation_loss(losses.reconstruction_loss(rec_t, x_t),
                                        losses.image_adversarial_loss(dt, x_s2t, mode), parts["lambda_rec"],
                                        parts["lambda_adv"])
         gen_s = losses.generation_loss(losses.reconstruction_loss(rec_s, x_s),
                                        losses.image_adversarial_loss(ds, x_t2s, mode), parts["lambda_rec"],
                                        parts["lambda_adv"])
-        sec = losses.semantic_loss(losses.semantic_adversarial_loss(dps, p_t, mode),
+        sec = losses.semantic_loss(losses.semantic_adversarial_loss(dps, p_t, mode),  # Eq. (11) of (9), (10)
                                    losses.semantic_adversarial_loss(dps, p_t2s, mode))
-        step_on(losses.total_loss(gen_t, gen_s, seg_loss(l_s, y_s), seg_loss(l_s2t, y_s), sec,
+        step_on(losses.total_loss(gen_t, gen_s, seg_loss(l_s, y_s), seg_loss(l_s2t, y_s), sec,  # Eq. (12), (7), (8)
                                   lambda_gen=parts["lambda_gen"], lambda_seg=parts["lambda_seg"],
                                   lambda_secadv=parts["lambda_secadv"]), g_opts)
-        set_requires_grad(discriminators, True)
+        set_requires_grad(discriminators, True)  # the discriminators' side of Eq. (1), (2), (9), (10)
         step_on(losses.discriminator_loss(dt, x_t, x_s2t, mode) + losses.discriminator_loss(ds, x_s, x_t2s, mode)
                 + losses.semantic_discriminator_loss(dps, p_s, p_t, mode)
                 + losses.semantic_discriminator_loss(dps, p_s2t, p_t2s, mode), d_opts)

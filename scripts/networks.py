@@ -282,12 +282,13 @@ def running_stats_kept(module: nn.Module, keep: bool = True) -> Iterator[None]:
         yield
         return
     with batch_norm_momentum(module, 0.0) as norms:
-        counts = [m.num_batches_tracked.clone() for m in norms if m.num_batches_tracked is not None]
+        counters = [m.num_batches_tracked for m in norms if m.num_batches_tracked is not None]
+        saved = [counter.clone() for counter in counters]
         try:
             yield
         finally:
-            for m, count in zip([m for m in norms if m.num_batches_tracked is not None], counts):
-                m.num_batches_tracked.copy_(count)
+            for counter, count in zip(counters, saved):
+                counter.copy_(count)
 
 
 def translate_as_in_training(encoder: nn.Module, decoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
