@@ -188,6 +188,11 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
+TRANSLATION_STRIDE = 8
+"""E's output stride, which U's three stride-2 transposed convolutions undo: U(E(x)) has x's size when its sides
+are multiples of this."""
+
+
 class TranslationDecoder(nn.Module):
     """U_s / U_t: conv, 3 residual blocks, 3 stride-2 transposed convolutions, tanh.
 
@@ -294,14 +299,17 @@ def running_stats_kept(module: nn.Module, keep: bool = True) -> Iterator[None]:
 def translate_as_in_training(encoder: nn.Module, decoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """U(E(x)) as DSAN's training passes make x_s->t and x_t->s: both networks in training mode, so batch norm
     normalises with the batch's own statistics (the running statistics may follow another domain:
-    ``running_stats``), without gradients, and writing no running statistic back. Previews and
-    translation_check both translate this way."""
+    ``running_stats``), without gradients, and writing no running statistic back. Previews, translation_check and
+    validation's symmetry criterion translate this way. Whole slices need not have the training crops' sides,
+    multiples of U's upsampling: they are edge-padded to the next multiple and the translation cropped back."""
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (0, -width % TRANSLATION_STRIDE, 0, -height % TRANSLATION_STRIDE), mode="replicate")
     modes = [encoder.training, decoder.training]
     encoder.train()
     decoder.train()
     try:
         with torch.no_grad(), running_stats_kept(encoder), running_stats_kept(decoder):
-            return decoder(encoder(images)[1])
+            return decoder(encoder(padded)[1])[..., :height, :width]
     finally:
         encoder.train(modes[0])
         decoder.train(modes[1])

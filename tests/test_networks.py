@@ -14,6 +14,7 @@ from scripts.networks import (
     TranslationDecoder,
     frozen,
     load_torchvision_resnet50,
+    translate_as_in_training,
     unique_parameters,
 )
 
@@ -119,3 +120,17 @@ def test_frozen_blocks_gradients_and_restores_them() -> None:
     with pytest.raises(RuntimeError), frozen([net]):
         raise RuntimeError("boom")
     assert all(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.parametrize("size", [(12, 20), (80, 80), (37, 50)])
+def test_whole_slices_of_any_size_translate_to_their_own_size(size: tuple[int, int]) -> None:
+    encoder = Segmenter(1, 3, width=0.125).encoder
+    decoder = TranslationDecoder(encoder.layer4_channels, channels=16)
+    images = torch.rand(2, 1, *size) * 2 - 1
+    translated = translate_as_in_training(encoder, decoder, images)
+    assert translated.shape == images.shape
+    if size[0] % 8 == 0 and size[1] % 8 == 0:  # the crops training translates: no padding, the training pass
+        encoder.train()
+        decoder.train()
+        with torch.no_grad():
+            torch.testing.assert_close(translated, decoder(encoder(images)[1]))
