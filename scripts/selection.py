@@ -50,7 +50,7 @@ METRICS = {
 SELECTIONS = ("auto", *METRICS)
 LABEL_FREE = ("confidence", "info_max", "symmetry")
 """The criteria that need no label, logged at every validation as ``val_<name>``."""
-DEFAULT_LABEL_FREE = "symmetry"
+DEFAULT_LABEL_FREE = "confidence"
 """What ``auto`` selects by without target labels: the label-free criterion with the least regret measured on the
 demo phantom (docs/selection.md)."""
 

@@ -42,7 +42,7 @@ def test_agreement_of_identical_disjoint_and_empty_label_maps() -> None:
 
 def test_auto_selection_follows_the_labels_and_target_labels_needs_them() -> None:
     assert resolve_selection("auto", labelled=True) == "target_labels"
-    assert resolve_selection("auto", labelled=False) == "symmetry"
+    assert resolve_selection("auto", labelled=False) == "confidence"
     assert resolve_selection("last", labelled=True) == "last"
     with pytest.raises(SelectionError, match="target_labels needs labelled target_val"):
         resolve_selection("target_labels", labelled=False)
@@ -70,7 +70,7 @@ def test_a_datalist_without_any_target_label_trains_and_selects_label_free(bundl
     assert validation_split(datalist) == "target_train" and not split_labelled(datalist, "target_train")
     with caplog.at_level("INFO", logger="dsan"):
         train(bundle_root, tiny_dataset, tmp_path, datalist)
-    assert "model selection: symmetry (val_symmetry; no target labels used)" in caplog.text
+    assert "model selection: confidence (val_confidence; no target labels used)" in caplog.text
     assert (tmp_path / "model.pt").is_file()
     history = read_history(tmp_path / "validation.json")
     assert [h["mean_dice"] for h in history] == [None, None]
