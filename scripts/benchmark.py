@@ -106,7 +106,9 @@ def bare_runner(parts: dict, batches: tuple[dict, dict], iterations: int) -> Cal
             net.train()
         set_requires_grad(discriminators, False)
         f_t, f_s = encode(x_t, target_pass=True), encode(x_s)
-        rec_t, x_s2t, rec_s, x_t2s = ut(f_t[1]), ut(f_s[1]), us(f_s[1]), us(f_t[1])
+        # each decoder once on both passes' features, as the trainer does (instance norm: per-image statistics)
+        rec_t, x_s2t = ut(torch.cat([f_t[1], f_s[1]])).split([len(x_t), len(x_s)])
+        rec_s, x_t2s = us(torch.cat([f_s[1], f_t[1]])).split([len(x_s), len(x_t)])
         # Eq. (8) / (10) see the translations detached, as the trainer's default detach_translations does
         l_s, l_s2t = seg.classify(f_s), seg.classify(encode(x_s2t.detach()))
         l_t, l_t2s = seg.classify(f_t), seg.classify(encode(x_t2s.detach()))
@@ -166,12 +168,45 @@ def benchmark(
             times[name].append(seconds_per_iteration(runners[name], iterations, dev))
     result = {f"{name}_s_per_it": statistics.median(t) for name, t in times.items()}
     result["ratio"] = result["bundle_s_per_it"] / result["bare_s_per_it"]
+    result["gflop_per_it"] = gflop_per_iteration(bare_runner(copy.deepcopy(parts), batches, 1))
+    result["gflop_per_s"] = result["gflop_per_it"] / result["bundle_s_per_it"]
+    result["matmul_gflop_per_s"] = matmul_gflop_per_second(dev)
+    share = result["gflop_per_s"] / result["matmul_gflop_per_s"]
     print(f"profile {profile} on {dev} ({torch.get_num_threads()} threads), batch {parts['batch_size']}, "
           f"{parts['roi_size']}x{parts['roi_size']}, {rounds} rounds x {iterations} iterations")
     print(f"  bundle DSANTrainer : {result['bundle_s_per_it']:.4f} s/it")
     print(f"  bare PyTorch loop  : {result['bare_s_per_it']:.4f} s/it")
     print(f"  ratio bundle/bare  : {result['ratio']:.3f}  (target <= 1.05)")
+    print(f"  work per iteration : {result['gflop_per_it']:.2f} GFLOP (torch.utils.flop_counter)")
+    print(f"  bundle rate        : {result['gflop_per_s']:.1f} GFLOP/s, {100 * share:.0f} % of a 2048x2048 fp32 matmul "
+          f"on the same threads ({result['matmul_gflop_per_s']:.1f} GFLOP/s, this run)")
     return result
+
+
+def gflop_per_iteration(runner: Callable[[], None]) -> float:
+    """GFLOP of one call of ``runner`` as torch.utils.flop_counter counts them (convolutions and matmuls, forward
+    and backward): the work an iteration asks of the hardware, whatever its speed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    runner()  # warm-up, so that one-time work is not counted
+    with FlopCounterMode(display=False) as counter:
+        runner()
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_gflop_per_second(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """What this machine's threads reach on a large fp32 matrix product now: the yardstick of the bundle's rate,
+    measured in the same run since the machine's speed changes from day to day."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return repeats * 2 * n**3 / (time.perf_counter() - start) / 1e9
 
 
 def synthetic_volume(path: Path, shape: tuple[int, int, int], seed: int = 0) -> Path:

@@ -35,9 +35,12 @@ def discriminator_loss(
 ) -> torch.Tensor:
     """Discriminator side of one adversarial equation: real -> 1, fake -> 0, averaged.
 
-    ``fake`` is detached here, so no gradient of this loss reaches the generator.
+    ``fake`` is detached here, so no gradient of this loss reaches the generator. Real and fake go through the
+    discriminator as one batch, which is the same computation as two calls for a discriminator without batch
+    statistics (PatchDiscriminator has none), in fewer, larger kernels.
     """
-    return 0.5 * (gan_loss(discriminator(real), True, mode) + gan_loss(discriminator(fake.detach()), False, mode))
+    real_logits, fake_logits = discriminator(torch.cat([real, fake.detach()])).split([len(real), len(fake)])
+    return 0.5 * (gan_loss(real_logits, True, mode) + gan_loss(fake_logits, False, mode))
 
 
 def image_adversarial_loss(discriminator: nn.Module, translated: torch.Tensor, mode: str = "lsgan") -> torch.Tensor:
@@ -68,11 +71,16 @@ def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.T
     return torch.where(counts > 0, 1.0 / counts.clamp(min=1.0), torch.zeros_like(counts))
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is in a narrower type (amp's float16 / bfloat16), else unchanged (float64 stays)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
     """1 - mean over classes of the soft Dice between softmax(logits) and one-hot labels, pooled over
     the batch (so a class absent from one slice does not dominate)."""
     num_classes = logits.shape[1]
-    probs = torch.softmax(logits.float(), dim=1)
+    probs = torch.softmax(at_least_float32(logits), dim=1)
     onehot = F.one_hot(labels, num_classes).permute(0, 3, 1, 2).to(probs.dtype)
     dims = (0, 2, 3)
     intersection = (probs * onehot).sum(dims)
@@ -100,7 +108,8 @@ class SegmentationLoss(nn.Module):
     def level_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         weights = inverse_frequency_weights(labels, self.num_classes) if self.per_batch_weights else self.fixed_weights
-        ce = F.cross_entropy(logits.float(), labels, weight=None if weights is None else weights.to(logits.device))
+        logits = at_least_float32(logits)
+        ce = F.cross_entropy(logits, labels, weight=None if weights is None else weights.to(logits))
         return ce + soft_dice_loss(logits, labels)
 
     def forward(self, level_logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

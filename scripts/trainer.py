@@ -39,7 +39,7 @@ from scripts import losses
 from scripts.checkpoints import settings_file
 from scripts.distributed import average_gradients, broadcast_from_rank_zero, rank
 from scripts.metrics import intensity_distance
-from scripts.networks import Segmenter, frozen, running_stats_kept
+from scripts.networks import Segmenter, frozen, has_batch_statistics, running_stats_kept
 
 logger = logging.getLogger("dsan")
 
@@ -115,8 +115,10 @@ class DSANForward:
         self.x_s, self.x_t = x_s, x_t
         self.sealed = False
         self._maps: dict[str, list[torch.Tensor]] = {}
+        self._running: set[str] = set()
 
-    def run(self, passes: Iterable[str]) -> None:
+    def run(self, passes: Sequence[str]) -> None:
+        self._running = set(passes)
         for name in passes:
             getattr(self, name)
 
@@ -153,21 +155,38 @@ class DSANForward:
     def z_t(self) -> torch.Tensor:
         return self._translation_features(self.x_t, lambda: self.features_t)
 
+    def _decoded_together(self, own: str, other: str) -> bool:
+        """Whether a decoder's two passes (its reconstruction ``own`` and its translation ``other``) run as one
+        batch: both are planned in the same run, and the decoder has no batch statistics (instance norm, the
+        default, has none), so one call is both calls' computation in fewer, larger kernels."""
+        decoder = self.net.decoder_t if own == "rec_t" else self.net.decoder_s
+        return {own, other} <= self._running and not has_batch_statistics(decoder)
+
+    @forward_pass
+    def decoded_t(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rec_t, x_s2t) = U_t on (E(x_t), E(x_s)) as one batch."""
+        return self.net.decoder_t(torch.cat([self.z_t, self.z_s])).split([len(self.x_t), len(self.x_s)])
+
+    @forward_pass
+    def decoded_s(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rec_s, x_t2s) = U_s on (E(x_s), E(x_t)) as one batch."""
+        return self.net.decoder_s(torch.cat([self.z_s, self.z_t])).split([len(self.x_s), len(self.x_t)])
+
     @forward_pass
     def x_s2t(self) -> torch.Tensor:
-        return self.net.decoder_t(self.z_s)
+        return self.decoded_t[1] if self._decoded_together("rec_t", "x_s2t") else self.net.decoder_t(self.z_s)
 
     @forward_pass
     def x_t2s(self) -> torch.Tensor:
-        return self.net.decoder_s(self.z_t)
+        return self.decoded_s[1] if self._decoded_together("rec_s", "x_t2s") else self.net.decoder_s(self.z_t)
 
     @forward_pass
     def rec_s(self) -> torch.Tensor:
-        return self.net.decoder_s(self.z_s)
+        return self.decoded_s[0] if self._decoded_together("rec_s", "x_t2s") else self.net.decoder_s(self.z_s)
 
     @forward_pass
     def rec_t(self) -> torch.Tensor:
-        return self.net.decoder_t(self.z_t)
+        return self.decoded_t[0] if self._decoded_together("rec_t", "x_s2t") else self.net.decoder_t(self.z_t)
 
     @forward_pass
     def logits_s(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,3 +134,19 @@ def test_whole_slices_of_any_size_translate_to_their_own_size(size: tuple[int, i
         decoder.train()
         with torch.no_grad():
             torch.testing.assert_close(translated, decoder(encoder(images)[1]))
+
+
+@pytest.mark.parametrize("size", [(8, 8), (8, 20), (13, 7), (32, 32)])
+def test_dilated_convolution_skips_only_taps_that_read_padding(size: tuple[int, int]) -> None:
+    from scripts.networks import DilatedConv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, *size, dtype=torch.float64, requires_grad=True)
+    for rate in (6, 12, 24):
+        conv = DilatedConv2d(16, 5, rate).double()
+        fast = conv(x)
+        full = torch.nn.Conv2d.forward(conv, x)
+        torch.testing.assert_close(fast, full)
+        grads = [torch.autograd.grad(out.square().sum(), [x, conv.weight, conv.bias]) for out in (fast, full)]
+        for got, expected in zip(*grads):
+            torch.testing.assert_close(got, expected)

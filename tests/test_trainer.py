@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -9,25 +10,29 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from scripts import losses
 from scripts.data import UnpairedBatches
 from scripts.losses import SegmentationLoss
-from scripts.networks import PatchDiscriminator, Segmenter, TranslationDecoder, unique_parameters
+from scripts.networks import DilatedConv2d, PatchDiscriminator, Segmenter, TranslationDecoder, unique_parameters
 from scripts.trainer import DSANForward, DSANTrainer, WallClockBudget, epochs_for, planned_passes
 
 SIZE, BATCH, CLASSES = 32, 2, 3
 
 
-def batches() -> UnpairedBatches:
+def batches(size: int = SIZE, count: int = 1) -> UnpairedBatches:
     gen = torch.Generator().manual_seed(0)
-    source = [{"image": torch.rand(BATCH, 1, SIZE, SIZE, generator=gen) * 2 - 1,
-               "label": torch.randint(0, CLASSES, (BATCH, 1, SIZE, SIZE), generator=gen).float()}]
-    target = [{"image": torch.rand(BATCH, 1, SIZE, SIZE, generator=gen) * 2 - 1}]
+    source, target = [], []
+    for _ in range(count):  # the first item is the same whatever the count
+        source.append({"image": torch.rand(BATCH, 1, size, size, generator=gen) * 2 - 1,
+                       "label": torch.randint(0, CLASSES, (BATCH, 1, size, size), generator=gen).float()})
+        target.append({"image": torch.rand(BATCH, 1, size, size, generator=gen) * 2 - 1})
     return UnpairedBatches(source, target)
 
 
 def make_trainer(
     shared_decoders: bool = False, unshared_encoders: bool = False, unshared_discriminators: bool = False,
-    max_epochs: int = 1, segmentation_loss_factory=SegmentationLoss, **kwargs,
+    max_epochs: int = 1, segmentation_loss_factory=SegmentationLoss, size: int = SIZE, fused_adam: bool = False,
+    **kwargs,
 ) -> DSANTrainer:
     torch.manual_seed(0)
     segmenter = Segmenter(1, CLASSES, width=0.125)
@@ -39,15 +44,16 @@ def make_trainer(
     d_s, d_t = PatchDiscriminator(1, disc), PatchDiscriminator(1, disc)
     dp = [PatchDiscriminator(CLASSES, disc), PatchDiscriminator(CLASSES, disc)]
     dtp = [PatchDiscriminator(CLASSES, disc), PatchDiscriminator(CLASSES, disc)] if unshared_discriminators else dp
+    adam = functools.partial(torch.optim.Adam, fused=fused_adam)
     return DSANTrainer(
-        device="cpu", max_epochs=max_epochs, epoch_length=1, data_loader=batches(),
+        device="cpu", max_epochs=max_epochs, epoch_length=1, data_loader=batches(size, count=4),
         segmenter=segmenter, translation_encoder=translation_encoder, decoder_s=decoder_s, decoder_t=decoder_t,
         image_discriminator_s=d_s, image_discriminator_t=d_t, prediction_discriminators=dp,
         translated_prediction_discriminators=dtp, segmentation_loss=segmentation_loss_factory(CLASSES),
-        optimizer_seg=torch.optim.Adam(unique_parameters(segmenter, translation_encoder), lr=2e-4),
-        optimizer_dec=torch.optim.Adam(unique_parameters(decoder_s, decoder_t), lr=1e-3),
-        optimizer_d_image=torch.optim.Adam(unique_parameters(d_s, d_t), lr=1e-4),
-        optimizer_d_pred=torch.optim.Adam(unique_parameters(*dp, *dtp), lr=5e-5),
+        optimizer_seg=adam(unique_parameters(segmenter, translation_encoder), lr=2e-4),
+        optimizer_dec=adam(unique_parameters(decoder_s, decoder_t), lr=1e-3),
+        optimizer_d_image=adam(unique_parameters(d_s, d_t), lr=1e-4),
+        optimizer_d_pred=adam(unique_parameters(*dp, *dtp), lr=5e-5),
         **kwargs,
     )
 
@@ -257,6 +263,66 @@ def test_a_sealed_forward_refuses_an_unplanned_pass() -> None:
     assert forward.logits_t is forward.logits_t  # planned: read again from the cache
     with pytest.raises(RuntimeError, match="'logits_s' was not planned"):
         _ = forward.logits_s
+
+
+def loss_history(trainer: DSANTrainer) -> list[dict[str, float]]:
+    history: list[dict[str, float]] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda engine: history.append({k: float(v) for k, v in engine.state.output.items()}))
+    trainer.run()
+    return history
+
+
+def one_call_per_pass_discriminator_loss(discriminator, real, fake, mode="lsgan"):
+    return 0.5 * (losses.gan_loss(discriminator(real), True, mode)
+                  + losses.gan_loss(discriminator(fake.detach()), False, mode))
+
+
+@pytest.fixture
+def one_call_per_pass(monkeypatch):
+    """Switches off the speed-ups that change no value: every ASPP tap computed (padding included), each
+    discriminator called once on real and once on fake images, each decoder once per pass."""
+
+    def switch_off() -> None:
+        monkeypatch.setattr(DilatedConv2d, "forward", nn.Conv2d.forward)
+        monkeypatch.setattr(losses, "discriminator_loss", one_call_per_pass_discriminator_loss)
+        monkeypatch.setattr(DSANForward, "_decoded_together", lambda self, own, other: False)
+
+    return switch_off
+
+
+def assert_same_losses(got: list[dict[str, float]], expected: list[dict[str, float]]) -> None:
+    assert len(got) == len(expected)
+    for iteration, (values, reference) in enumerate(zip(got, expected), start=1):
+        assert values.keys() == reference.keys()
+        for name, value in reference.items():
+            assert values[name] == pytest.approx(value, rel=1e-5, abs=1e-5), f"{name} at iteration {iteration}"
+
+
+def test_reachable_taps_train_as_the_full_aspp_kernels_for_20_iterations(monkeypatch) -> None:
+    # float64, so that the comparison sees the computation, not float32 rounding; 64x64 crops give 8x8 features,
+    # where rate 6 keeps its 3x3 kernel and rates 12-24 reduce to 1x1
+    torch.set_default_dtype(torch.float64)
+    try:
+        fast = loss_history(make_trainer(max_epochs=20, size=64))
+        monkeypatch.setattr(DilatedConv2d, "forward", nn.Conv2d.forward)
+        reference = loss_history(make_trainer(max_epochs=20, size=64))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert_same_losses(fast, reference)
+
+
+def test_every_speed_up_computes_the_losses_of_one_call_per_pass(one_call_per_pass) -> None:
+    # one iteration: from the next, Adam turns rounding differences in gradients that are zero in exact arithmetic
+    # (the biases before instance norm) into steps of the learning rate's size, and the runs part (docs/speed.md)
+    torch.set_default_dtype(torch.float64)
+    try:
+        fast = loss_history(make_trainer(size=64, fused_adam=True, channels_last=True))
+        one_call_per_pass()
+        reference = loss_history(make_trainer(size=64))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert_same_losses(fast, reference)
 
 
 def test_amp_uses_one_gradient_scaler() -> None:
