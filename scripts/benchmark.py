@@ -87,6 +87,10 @@ def bare_runner(parts: dict, batches: tuple[dict, dict], iterations: int) -> Cal
     g_opts = [parts["optimizer_seg"], parts["optimizer_dec"]]
     d_opts = [parts["optimizer_d_image"], parts["optimizer_d_pred"]]
     x_s, y_s, x_t = batches[0]["image"], batches[0]["label"], batches[1]["image"]
+    if parts["channels_last"]:  # as the trainer lays out its networks and images
+        for net in (seg, us, ut, *discriminators):
+            net.to(memory_format=torch.channels_last)
+        x_s, x_t = (x.contiguous(memory_format=torch.channels_last) for x in (x_s, x_t))
     size = x_s.shape[-2:]
     follow_target = parts["running_stats"] == "target"
 
