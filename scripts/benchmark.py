@@ -202,15 +202,13 @@ def matmul_gflop_per_second(device: torch.device, n: int = 2048, repeats: int = 
     """What this machine's threads reach on a large fp32 matrix product now: the yardstick of the bundle's rate,
     measured in the same run since the machine's speed changes from day to day."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return repeats * 2 * n**3 / (time.perf_counter() - start) / 1e9
+    a @ b  # warm-up
+
+    def products() -> None:
+        for _ in range(repeats):
+            a @ b
+
+    return 2 * n**3 / seconds_per_iteration(products, repeats, device) / 1e9
 
 
 def synthetic_volume(path: Path, shape: tuple[int, int, int], seed: int = 0) -> Path:

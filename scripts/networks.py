@@ -263,10 +263,14 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
+def batch_norms(module: nn.Module) -> list[nn.Module]:
+    """The batch-norm layers of ``module``: the layers that normalise with statistics over the batch."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def has_batch_statistics(module: nn.Module) -> bool:
-    """Whether ``module`` normalises with statistics over the batch (batch norm), so that one call on two
-    concatenated batches would compute something else than two calls."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    """Whether one call of ``module`` on two concatenated batches computes something else than two calls."""
+    return bool(batch_norms(module))
 
 
 def unique_parameters(*modules: nn.Module) -> Iterator[nn.Parameter]:
@@ -291,7 +295,7 @@ def set_requires_grad(modules: Iterable[nn.Module], flag: bool) -> None:
 def batch_norm_momentum(module: nn.Module, momentum: float | None) -> Iterator[list[nn.Module]]:
     """Within the block, every batch-norm layer of ``module`` (yielded) updates its running statistics with
     ``momentum`` (0: not at all; None: cumulative average); each layer's own momentum is restored afterwards."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batch_norms(module)
     saved = [m.momentum for m in norms]
     for m in norms:
         m.momentum = momentum

@@ -159,17 +159,16 @@ class DSANForward:
         """Whether a decoder's two passes (its reconstruction ``own`` and its translation ``other``) run as one
         batch: both are planned in the same run, and the decoder has no batch statistics (instance norm, the
         default, has none), so one call is both calls' computation in fewer, larger kernels."""
-        decoder = self.net.decoder_t if own == "rec_t" else self.net.decoder_s
-        return {own, other} <= self._running and not has_batch_statistics(decoder)
+        return {own, other} <= self._running and self.net.decoders_per_image
 
     @forward_pass
     def decoded_t(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rec_t, x_s2t) = U_t on (E(x_t), E(x_s)) as one batch."""
+        """(rec_t, x_s2t) = U_t on (E(x_t), E(x_s)) as one batch: Eq. (3)'s reconstruction, Eq. (1)'s translation."""
         return self.net.decoder_t(torch.cat([self.z_t, self.z_s])).split([len(self.x_t), len(self.x_s)])
 
     @forward_pass
     def decoded_s(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rec_s, x_t2s) = U_s on (E(x_s), E(x_t)) as one batch."""
+        """(rec_s, x_t2s) = U_s on (E(x_s), E(x_t)) as one batch: Eq. (4)'s reconstruction, Eq. (2)'s translation."""
         return self.net.decoder_s(torch.cat([self.z_s, self.z_t])).split([len(self.x_s), len(self.x_t)])
 
     @forward_pass
@@ -375,6 +374,8 @@ class DSANTrainer(Trainer):
         self.segmenter = segmenter
         self.translation_encoder = segmenter.encoder if translation_encoder is None else translation_encoder
         self.decoder_s, self.decoder_t = decoder_s, decoder_t
+        # whether each decoder normalises per image (instance norm), so DSANForward may batch its two passes
+        self.decoders_per_image = not (has_batch_statistics(decoder_s) or has_batch_statistics(decoder_t))
         self.image_discriminator_s, self.image_discriminator_t = image_discriminator_s, image_discriminator_t
         self.prediction_discriminators = nn.ModuleList(prediction_discriminators)
         self.translated_prediction_discriminators = (
