@@ -1,6 +1,7 @@
 """Speed and memory benchmarks (printed, never asserted: machines are noisy).
 
     python -m scripts benchmark training                  # DSAN trainer vs a bare PyTorch loop, demo profile
+    python -m scripts benchmark training --dataset_dir DIR  # the same on your own data (DIR/datalist.json)
     python -m scripts benchmark training --profile paper  # paper sizes (ResNet-50, 256x256, batch 8), for CUDA
     python -m scripts benchmark inference                 # configs/inference.yaml vs a bare batched forward
     python -m scripts benchmark memory                    # peak memory of inference on a 512x512x300 volume
@@ -11,7 +12,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from monai.bundle import ConfigParser
 
 from scripts import data, losses
 from scripts.networks import running_stats_kept, set_requires_grad
-from scripts.trainer import DSANTrainer
+from scripts.trainer import TERMS, DSANTrainer
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 PROFILES = {"demo": ["configs/train.yaml", "configs/cpu.yaml", "configs/demo.yaml"],
@@ -29,12 +30,24 @@ NETWORK_IDS = ["network", "decoder_s", "decoder_t", "image_discriminator_s", "im
 OPTIMIZER_IDS = ["optimizer_seg", "optimizer_dec", "optimizer_d_image", "optimizer_d_pred"]
 
 
-def build_components(profile: str, device: torch.device) -> dict:
-    """Networks, optimisers and settings of a profile, instantiated from the bundle's configs."""
+def profile_parser(profile: str, device: torch.device, dataset_dir: str | Path | None = None) -> ConfigParser:
+    """The bundle's configs of a profile, on ``device``, reading ``dataset_dir``'s datalist.json when given."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_ROOT / f) for f in PROFILES[profile]])
     parser["bundle_root"] = str(BUNDLE_ROOT)
     parser["device"] = f"$torch.device('{device}')"
+    if dataset_dir is not None:
+        parser["dataset_dir"] = str(dataset_dir)
+        parser["datalist"] = str(Path(dataset_dir) / "datalist.json")
+    return parser
+
+
+def build_components(profile: str | ConfigParser, device: torch.device) -> dict:
+    """Networks, optimisers and settings of a profile (or of a parser's configs), instantiated from the bundle's
+    configs."""
+    parser = profile_parser(profile, device) if isinstance(profile, str) else profile
     parts = {key: parser.get_parsed_content(key) for key in NETWORK_IDS + OPTIMIZER_IDS}
     parts["segmentation_loss"] = parser.get_parsed_content("train#segmentation_loss")
     for key in ("batch_size", "roi_size", "num_classes", "lambda_rec", "lambda_adv", "lambda_gen", "lambda_seg",
@@ -53,16 +66,70 @@ def synthetic_batches(parts: dict, device: torch.device) -> tuple[dict, dict]:
     return source, target
 
 
-def bundle_runner(parts: dict, batches: tuple[dict, dict], device: torch.device, iterations: int) -> Callable[[], None]:
-    """One call = ``iterations`` iterations of the bundle's DSANTrainer (one more engine epoch)."""
+class PlainTensorSampling:
+    """Training batches as a bare PyTorch loop would draw them: the preprocessed volumes of the configs' caches
+    as plain tensors, a random ``roi_size`` square of a random slice of a random volume per item, each rotated
+    with probability ``prob`` by an angle in +-``rotation_range`` (bilinear image, nearest label, border
+    padding) in one batched grid_sample: the crops and rotations of configs/train.yaml's augmentation, drawn
+    with torch alone. Calling it gives the next (source, target) batches."""
+
+    def __init__(self, source_volumes: list[dict], target_volumes: list[dict], batch_size: int, roi_size: int,
+                 rotation_range: float, prob: float, device: torch.device, seed: int = 0) -> None:
+        self.source = [(v["image"].as_tensor(), v["label"].as_tensor()) for v in source_volumes]
+        self.target = [(v["image"].as_tensor(), None) for v in target_volumes]
+        self.batch_size, self.roi_size, self.device = batch_size, roi_size, device
+        self.rotation_range, self.prob = rotation_range, prob
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.gen))
+
+    def _crop(self, volumes: list[tuple]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        image, label = volumes[self._randint(len(volumes))]
+        r = self.roi_size
+        y, x, z = (self._randint(side - size + 1) for side, size in zip(image.shape[1:], (r, r, 1)))
+        window = (slice(None), slice(y, y + r), slice(x, x + r), z)
+        return image[window], None if label is None else label[window]
+
+    def _rotate(self, images: torch.Tensor, mode: str, angles: torch.Tensor) -> torch.Tensor:
+        cos, sin, zero = angles.cos(), angles.sin(), torch.zeros_like(angles)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+        return torch.nn.functional.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
+
+    def _batch(self, volumes: list[tuple]) -> dict:
+        crops = [self._crop(volumes) for _ in range(self.batch_size)]
+        rotated = torch.rand(self.batch_size, generator=self.gen) < self.prob
+        angles = (torch.rand(self.batch_size, generator=self.gen) * 2 - 1) * self.rotation_range * rotated
+        batch = {"image": self._rotate(torch.stack([c[0] for c in crops]), "bilinear", angles).to(self.device)}
+        if crops[0][1] is not None:
+            batch["label"] = self._rotate(torch.stack([c[1] for c in crops]), "nearest", angles).to(self.device)
+        return batch
+
+    def __call__(self) -> tuple[dict, dict]:
+        return self._batch(self.source), self._batch(self.target)
+
+    @classmethod
+    def like(cls, parser: ConfigParser, device: torch.device) -> PlainTensorSampling:
+        """The sampling of the configs in ``parser``, from the volumes its training datasets cached."""
+        rotation = next(t for t in parser["augmentation"] if t["_target_"] == "RandRotated")
+        return cls(parser.get_parsed_content("train#dataset")._cache,
+                   parser.get_parsed_content("train#target_dataset")._cache, parser.get_parsed_content("batch_size"),
+                   parser.get_parsed_content("roi_size"), parser.get_parsed_content("rotation_range"),
+                   rotation["prob"], device)
+
+
+def bundle_runner(parts: dict, batches: Iterable[dict], device: torch.device, iterations: int,
+                  terms: Sequence[str] = TERMS) -> Callable[[], None]:
+    """One call = ``iterations`` iterations of the bundle's DSANTrainer (one more engine epoch) on the
+    ``UnpairedBatches``-like stream ``batches``, with the ``terms`` of Eq. (12) on."""
     trainer = DSANTrainer(
-        device=device, max_epochs=1, epoch_length=iterations,
-        data_loader=data.UnpairedBatches([batches[0]], [batches[1]]),
+        device=device, max_epochs=1, epoch_length=iterations, data_loader=batches,
         segmenter=parts["network"], decoder_s=parts["decoder_s"], decoder_t=parts["decoder_t"],
         image_discriminator_s=parts["image_discriminator_s"], image_discriminator_t=parts["image_discriminator_t"],
         prediction_discriminators=parts["prediction_discriminators"], segmentation_loss=parts["segmentation_loss"],
         optimizer_seg=parts["optimizer_seg"], optimizer_dec=parts["optimizer_dec"],
-        optimizer_d_image=parts["optimizer_d_image"], optimizer_d_pred=parts["optimizer_d_pred"],
+        optimizer_d_image=parts["optimizer_d_image"], optimizer_d_pred=parts["optimizer_d_pred"], terms=terms,
         lambda_rec=parts["lambda_rec"], lambda_adv=parts["lambda_adv"], lambda_gen=parts["lambda_gen"],
         lambda_seg=parts["lambda_seg"], lambda_secadv=parts["lambda_secadv"], gan_mode=parts["gan_mode"],
         running_stats=parts["running_stats"], amp=parts["amp"], channels_last=parts["channels_last"],
@@ -75,23 +142,25 @@ def bundle_runner(parts: dict, batches: tuple[dict, dict], device: torch.device,
     return run_epoch
 
 
-def bare_runner(parts: dict, batches: tuple[dict, dict], iterations: int) -> Callable[[], None]:
+def fixed_batches(source: dict, target: dict) -> data.UnpairedBatches:
+    """The same source and target batch at every iteration."""
+    return data.UnpairedBatches([source], [target])
+
+
+def bare_runner(parts: dict, next_batches: Callable[[], tuple[dict, dict]], iterations: int) -> Callable[[], None]:
     """One call = ``iterations`` of the same DSAN iteration (every term of Eq. (12) on) as a plain PyTorch loop: the
     same loss functions (scripts.losses), gan_mode and running_stats as the trainer, in the same order of passes,
-    without the engine, its handlers or its planning of passes: the reference the trainer's overhead is measured
-    against."""
+    without the engine, its handlers or its planning of passes, on the (source, target) batches ``next_batches()``
+    gives at each iteration: the reference the trainer's overhead is measured against."""
     seg, us, ut = parts["network"], parts["decoder_s"], parts["decoder_t"]
     ds, dt, dps = parts["image_discriminator_s"], parts["image_discriminator_t"], parts["prediction_discriminators"]
     discriminators = [ds, dt, *dps]
     seg_loss, mode = parts["segmentation_loss"], parts["gan_mode"]
     g_opts = [parts["optimizer_seg"], parts["optimizer_dec"]]
     d_opts = [parts["optimizer_d_image"], parts["optimizer_d_pred"]]
-    x_s, y_s, x_t = batches[0]["image"], batches[0]["label"], batches[1]["image"]
-    if parts["channels_last"]:  # as the trainer lays out its networks and images
-        for net in (seg, us, ut, *discriminators):
-            net.to(memory_format=torch.channels_last)
-        x_s, x_t = (x.contiguous(memory_format=torch.channels_last) for x in (x_s, x_t))
-    size = x_s.shape[-2:]
+    memory_format = torch.channels_last if parts["channels_last"] else torch.contiguous_format
+    for net in (seg, us, ut, *discriminators):  # as the trainer lays out its networks and images
+        net.to(memory_format=memory_format)
     follow_target = parts["running_stats"] == "target"
 
     def encode(x: torch.Tensor, target_pass: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +175,10 @@ def bare_runner(parts: dict, batches: tuple[dict, dict], iterations: int) -> Cal
             opt.step()
 
     def step() -> None:
+        source, target = next_batches()
+        x_s, y_s, x_t = source["image"], source["label"], target["image"]
+        x_s, x_t = (x.contiguous(memory_format=memory_format) for x in (x_s, x_t))
+        size = x_s.shape[-2:]
         for net in (seg, us, ut, *discriminators):
             net.train()
         set_requires_grad(discriminators, False)
@@ -141,6 +214,17 @@ def bare_runner(parts: dict, batches: tuple[dict, dict], iterations: int) -> Cal
     return run_all
 
 
+def draw_runner(batches: Iterable[dict], iterations: int) -> Callable[[], None]:
+    """One call = ``iterations`` items drawn from the stream ``batches``, nothing else: its data loading."""
+    stream = iter(batches)
+
+    def draw() -> None:
+        for _ in range(iterations):
+            next(stream)
+
+    return draw
+
+
 def seconds_per_iteration(runner: Callable[[], None], iterations: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -151,40 +235,76 @@ def seconds_per_iteration(runner: Callable[[], None], iterations: int, device: t
     return (time.perf_counter() - start) / iterations
 
 
-def benchmark(
-    profile: str = "demo", iterations: int = 10, rounds: int = 5, device: str | None = None
-) -> dict[str, float]:
-    """Median seconds per iteration of the bundle trainer and of the bare loop, measured in alternating
-    rounds on identical copies of the networks and the same inputs, and their ratio."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
-    parts = build_components(profile, dev)
-    batches = synthetic_batches(parts, dev)
-    runners = {"bundle": bundle_runner(copy.deepcopy(parts), batches, dev, iterations),
-               "bare": bare_runner(copy.deepcopy(parts), batches, iterations)}
-    for runner in runners.values():  # warm-up round, not timed
+def alternating_medians(runners: dict[str, Callable[[], None]], iterations: int, rounds: int,
+                        device: torch.device) -> dict[str, float]:
+    """Median seconds per iteration of each runner over ``rounds`` rounds after an untimed warm-up, the order of
+    the runners reversed every other round, so that a slow spell of the machine falls on all of them."""
+    for runner in runners.values():
         runner()
     times: dict[str, list[float]] = {name: [] for name in runners}
     for round_index in range(rounds):
-        order = list(runners) if round_index % 2 == 0 else list(reversed(runners))
-        for name in order:
-            times[name].append(seconds_per_iteration(runners[name], iterations, dev))
-    result = {f"{name}_s_per_it": statistics.median(t) for name, t in times.items()}
+        for name in list(runners) if round_index % 2 == 0 else list(reversed(runners)):
+            times[name].append(seconds_per_iteration(runners[name], iterations, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def benchmark(profile: str = "demo", iterations: int = 10, rounds: int = 5, device: str | None = None,
+              dataset_dir: str | Path | None = None) -> dict[str, float]:
+    """Side by side, in alternating rounds on identical copies of the networks: seconds per iteration of the
+    bundle's DSANTrainer fed by its configs' data pipeline, of a bare PyTorch loop fed by plain-tensor sampling
+    (``PlainTensorSampling``), of the configs' data pipeline alone, and of a source-only iteration (Eq. (7)) and
+    its data pipeline alone; GFLOP per iteration, the bundle's GFLOP/s and its share of a same-run matmul.
+    The data are ``dataset_dir``'s datalist (your own) or, by default, a generated phantom."""
+    import tempfile
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        if dataset_dir is None:
+            from scripts.phantom import generate_demo_dataset
+
+            dataset_dir = generate_demo_dataset(tmp).parent
+        parser = profile_parser(profile, dev, dataset_dir)
+        parts = build_components(parser, dev)
+        source_only = profile_parser(profile, dev, dataset_dir)
+        source_only["terms"] = ["seg_s"]
+        runners = {
+            "bundle": bundle_runner(copy.deepcopy(parts), parser.get_parsed_content("train#batches"), dev, iterations),
+            "bare": bare_runner(copy.deepcopy(parts), PlainTensorSampling.like(parser, dev), iterations),
+            "data": draw_runner(parser.get_parsed_content("train#batches"), iterations),
+            "source_only": bundle_runner(copy.deepcopy(parts), source_only.get_parsed_content("train#batches"), dev,
+                                         iterations, terms=["seg_s"]),
+            "source_only_data": draw_runner(source_only.get_parsed_content("train#batches"), iterations),
+        }
+        result = {f"{name}_s_per_it": s for name, s in alternating_medians(runners, iterations, rounds, dev).items()}
     result["ratio"] = result["bundle_s_per_it"] / result["bare_s_per_it"]
-    result["gflop_per_it"] = gflop_per_iteration(bare_runner(copy.deepcopy(parts), batches, 1))
+    result["data_share"] = result["data_s_per_it"] / result["bundle_s_per_it"]
+    result["source_only_data_share"] = result["source_only_data_s_per_it"] / result["source_only_s_per_it"]
+    result["gflop_per_it"] = gflop_per_iteration(bare_runner(copy.deepcopy(parts),
+                                                             lambda: synthetic_batches(parts, dev), 1))
     result["gflop_per_s"] = result["gflop_per_it"] / result["bundle_s_per_it"]
     result["matmul_gflop_per_s"] = matmul_gflop_per_second(dev)
-    share = result["gflop_per_s"] / result["matmul_gflop_per_s"]
-    print(f"profile {profile} on {dev} ({torch.get_num_threads()} threads), batch {parts['batch_size']}, "
-          f"{parts['roi_size']}x{parts['roi_size']}, {rounds} rounds x {iterations} iterations")
-    print(f"  bundle DSANTrainer : {result['bundle_s_per_it']:.4f} s/it")
-    print(f"  bare PyTorch loop  : {result['bare_s_per_it']:.4f} s/it")
-    print(f"  ratio bundle/bare  : {result['ratio']:.3f}  (target <= 1.05)")
-    print(f"  work per iteration : {result['gflop_per_it']:.2f} GFLOP (torch.utils.flop_counter)")
-    print(f"  bundle rate        : {result['gflop_per_s']:.1f} GFLOP/s, {100 * share:.0f} % of a 2048x2048 fp32 matmul "
-          f"on the same threads ({result['matmul_gflop_per_s']:.1f} GFLOP/s, this run)")
+    report_training_benchmark(result, profile, dev, parts, iterations, rounds)
     return result
+
+
+def report_training_benchmark(result: dict[str, float], profile: str, device: torch.device, parts: dict,
+                              iterations: int, rounds: int) -> None:
+    share = result["gflop_per_s"] / result["matmul_gflop_per_s"]
+    print(f"profile {profile} on {device} ({torch.get_num_threads()} threads), batch {parts['batch_size']}, "
+          f"{parts['roi_size']}x{parts['roi_size']}, medians of {rounds} alternating rounds x {iterations} iterations")
+    print(f"  bundle DSANTrainer, configs' data pipeline : {result['bundle_s_per_it']:.4f} s/it")
+    print(f"  bare PyTorch loop, plain-tensor sampling   : {result['bare_s_per_it']:.4f} s/it")
+    print(f"  ratio bundle/bare                          : {result['ratio']:.3f}  (target <= 1.05)")
+    print(f"  data loading alone (configs' pipeline)     : {result['data_s_per_it']:.4f} s/it, "
+          f"{100 * result['data_share']:.1f} % of the bundle's DSAN iteration")
+    print(f"  source-only iteration (bundle)             : {result['source_only_s_per_it']:.4f} s/it, of which data "
+          f"loading {result['source_only_data_s_per_it']:.4f} s/it = {100 * result['source_only_data_share']:.1f} % "
+          "(target <= 10 %)")
+    print(f"  work per DSAN iteration                    : {result['gflop_per_it']:.2f} GFLOP "
+          "(torch.utils.flop_counter)")
+    print(f"  bundle rate                                : {result['gflop_per_s']:.1f} GFLOP/s, {100 * share:.0f} % of "
+          f"a 2048x2048 fp32 matmul on the same threads ({result['matmul_gflop_per_s']:.1f} GFLOP/s, this run; "
+          "target >= 45 %)")
 
 
 def gflop_per_iteration(runner: Callable[[], None]) -> float:

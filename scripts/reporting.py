@@ -212,6 +212,8 @@ class TranslationPreview:
 
     def _keep_batch(self, engine: Engine) -> None:
         batch = engine.state.batch
+        if "target_image" not in batch:  # a source-only run: it trains no translation, there is none to show
+            return
         self._fixed = tuple(torch.as_tensor(batch[k][: self.num_samples]).detach().cpu().clone()
                             for k in ("source_image", "target_image"))
 

@@ -59,14 +59,18 @@ class NonFiniteLossError(SystemExit):
 
 def prepare_unpaired_batch(
     batch: dict[str, torch.Tensor], device: torch.device | str, non_blocking: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_s, y_s, x_t) as plain tensors on ``device`` from one ``UnpairedBatches`` item."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x_s, y_s, x_t) as plain tensors on ``device`` from one ``UnpairedBatches`` item; x_t is None when the
+    stream draws no target batches (``reads_target_images``)."""
 
-    def to_device(t: torch.Tensor) -> torch.Tensor:
+    def to_device(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
         t = t.as_tensor() if hasattr(t, "as_tensor") else t  # MetaTensor bookkeeping is not needed here
         return t.to(device, non_blocking=non_blocking)
 
-    return to_device(batch["source_image"]), to_device(batch["source_label"]), to_device(batch["target_image"])
+    return (to_device(batch["source_image"]), to_device(batch["source_label"]),
+            to_device(batch.get("target_image")))
 
 
 GENERATOR_PASSES = {
@@ -84,6 +88,16 @@ DISCRIMINATOR_PASSES = {
     "adv_sec": ("logits_s", "logits_t", "logits_s2t", "logits_t2s"),
 }
 """The forward passes the discriminator step reads (Eq. (1), (2), (9), (10)) for each term that is on."""
+
+
+TARGET_TERMS = frozenset({"gen_t", "gen_s", "adv_sec"})
+"""The terms of Eq. (12) that read x_t: Eq. (3) and (2) (L_gen^t, L_gen^s) and Eq. (9)-(11) (L_adv^sec)."""
+
+
+def reads_target_images(terms: Iterable[str]) -> bool:
+    """Whether training with ``terms`` ever reads a target image x_t; a source-only run (Eq. (7) alone, or with
+    Eq. (8)) does not, and its data stream then draws no target batches (configs/train.yaml ``train#batches``)."""
+    return bool(TARGET_TERMS & set(terms))
 
 
 def planned_passes(terms: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -110,7 +124,7 @@ class DSANForward:
     """The forward passes of one iteration. ``run(passes)`` computes the named passes (and the passes they
     read) in order; ``seal()`` then forbids any other, so the losses can only read what was planned."""
 
-    def __init__(self, trainer: DSANTrainer, x_s: torch.Tensor, x_t: torch.Tensor) -> None:
+    def __init__(self, trainer: DSANTrainer, x_s: torch.Tensor, x_t: torch.Tensor | None) -> None:
         self.net = trainer
         self.x_s, self.x_t = x_s, x_t
         self.sealed = False
@@ -428,8 +442,7 @@ class DSANTrainer(Trainer):
         if self.running_stats != "target":
             return False
         shared = self.translation_encoder is self.segmenter.encoder
-        target_terms = {"adv_sec", "gen_t", "gen_s"} if shared else {"adv_sec"}
-        return bool(self.active_terms & target_terms)
+        return bool(self.active_terms & (TARGET_TERMS if shared else {"adv_sec"}))
 
     def _autocast(self) -> AbstractContextManager:
         return torch.autocast(torch.device(self.state.device).type, enabled=self.amp)
@@ -509,7 +522,7 @@ class DSANTrainer(Trainer):
     def _iteration(self, engine: DSANTrainer, batchdata: dict[str, Any]) -> dict[str, torch.Tensor]:
         x_s, y_s, x_t = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
         if self.channels_last:
-            x_s, x_t = (x.contiguous(memory_format=torch.channels_last) for x in (x_s, x_t))
+            x_s, x_t = (None if x is None else x.contiguous(memory_format=torch.channels_last) for x in (x_s, x_t))
         for module in self.networks:
             module.train()
         broadcast_from_rank_zero(self.networks, buffers_only=True)  # no-op unless under torchrun

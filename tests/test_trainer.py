@@ -345,15 +345,22 @@ def test_amp_and_channels_last_switches_run_on_cpu() -> None:
 def test_the_benchmarks_bare_loop_makes_the_trainers_update(running_stats: str) -> None:
     import copy
 
-    from scripts.benchmark import NETWORK_IDS, bare_runner, build_components, bundle_runner, synthetic_batches
+    from scripts.benchmark import (
+        NETWORK_IDS,
+        bare_runner,
+        build_components,
+        bundle_runner,
+        fixed_batches,
+        synthetic_batches,
+    )
 
     cpu = torch.device("cpu")
     parts = build_components("demo", cpu)
     parts["running_stats"] = running_stats
     batches = synthetic_batches(parts, cpu)
     trained, bare = copy.deepcopy(parts), copy.deepcopy(parts)
-    bundle_runner(trained, batches, cpu, iterations=1)()
-    bare_runner(bare, batches, iterations=1)()
+    bundle_runner(trained, fixed_batches(*batches), cpu, iterations=1)()
+    bare_runner(bare, lambda: batches, iterations=1)()
     for key in NETWORK_IDS:
         modules = (trained[key], bare[key]) if isinstance(trained[key], nn.Module) else \
             (nn.ModuleList(trained[key]), nn.ModuleList(bare[key]))
@@ -362,13 +369,34 @@ def test_the_benchmarks_bare_loop_makes_the_trainers_update(running_stats: str) 
             torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
 
 
-def test_benchmark_runs_both_loops_and_reports_their_ratio(capsys) -> None:
+def test_benchmark_runs_both_loops_and_reports_their_ratio_and_the_data_share(capsys, tiny_dataset) -> None:
     from scripts.benchmark import benchmark
 
-    result = benchmark(profile="demo", iterations=1, rounds=1, device="cpu")
-    assert result["bundle_s_per_it"] > 0 and result["bare_s_per_it"] > 0
+    result = benchmark(profile="demo", iterations=2, rounds=1, device="cpu", dataset_dir=tiny_dataset.parent)
+    assert all(result[f"{name}_s_per_it"] > 0 for name in ("bundle", "bare", "data", "source_only",
+                                                           "source_only_data"))
     assert result["ratio"] == pytest.approx(result["bundle_s_per_it"] / result["bare_s_per_it"])
-    assert "ratio bundle/bare" in capsys.readouterr().out
+    assert result["data_share"] == pytest.approx(result["data_s_per_it"] / result["bundle_s_per_it"])
+    assert 0 < result["source_only_data_share"] < 1  # its iteration includes its data loading
+    out = capsys.readouterr().out
+    assert "ratio bundle/bare" in out and "source-only iteration" in out and "of a 2048x2048 fp32 matmul" in out
+
+
+def test_plain_tensor_sampling_draws_crops_of_the_cached_volumes(bundle_root, tiny_dataset, tmp_path) -> None:
+    from scripts.benchmark import PlainTensorSampling
+    from tests.conftest import TINY
+    from tests.test_configs import data_overrides, parser_for
+
+    parser = parser_for(bundle_root, ["configs/demo.yaml"], **data_overrides(tiny_dataset, tmp_path), **TINY,
+                        rotation_range=0.0)
+    source, target = PlainTensorSampling.like(parser, torch.device("cpu"))()
+    assert source["image"].shape == source["label"].shape == target["image"].shape == (2, 1, 32, 32)
+    assert "label" not in target
+    # unrotated (rotation_range 0), each label crop holds only the classes of the cached label volumes
+    classes = set(torch.cat([v["label"].as_tensor().flatten()
+                             for v in parser.get_parsed_content("train#dataset")._cache]).unique().tolist())
+    assert set(source["label"].unique().tolist()) <= classes
+    assert float(source["image"].min()) >= -1 and float(source["image"].max()) <= 1
 
 
 def test_wall_clock_budget_stops_at_the_last_validation_that_fits_and_keeps_marked_models(
