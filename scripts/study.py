@@ -312,6 +312,11 @@ def study(
     budget.update(data)
     budget.update(overrides)
     parser = bundle_config(profile, "full", **data, **overrides)  # class names as the setups' models record them
+    declared = bundle_config(profile, "full")
+    unknown_ids = sorted(key for key in overrides if key not in declared)
+    if unknown_ids:  # a misspelt option, or --help after the command, must not start hours of training
+        raise SystemExit(f"ERROR: {unknown_ids} are neither options of study nor config ids of configs/train.yaml; "
+                         "the options: python -m scripts study -- --help")
     common = {"profile": profile, "budget": budget, "data_root": Path(parser.get_parsed_content("dataset_dir")),
               "datalist": Path(parser.get_parsed_content("datalist")),
               "class_names": parser.get_parsed_content("class_names")}

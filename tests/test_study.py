@@ -187,3 +187,10 @@ def test_a_failed_setup_is_reported_and_the_others_finish(tiny_dataset, tmp_path
     table = (tmp_path / "study" / "table.md").read_text(encoding="utf-8")
     assert "| + L_adv^sec (full DSAN) | FAILED |" in table
     assert "study: full done" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option", ["help", "max_minute"])
+def test_an_unknown_option_stops_before_any_training(tmp_path, option) -> None:
+    with pytest.raises(SystemExit, match=rf"\['{option}'\] are neither options of study nor config ids"):
+        study(setups="full", output_dir=str(tmp_path / "study"), **{option: True})
+    assert not (tmp_path / "study").exists()
