@@ -16,14 +16,13 @@ import json
 import logging
 import os
 import pathlib
-import shutil
-import tempfile
-import uuid
 from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from scripts.generated import check_counts, write_dataset
 
 __all__ = [
     "CLASS_NAMES",
@@ -41,20 +40,13 @@ CLASS_NAMES: tuple[str, ...] = ("background", "AA", "LAC", "LVC", "MYO")
 AA, LAC, LVC, MYO = 1, 2, 3, 4
 
 SPACING_MM = 1.5
-DATALIST_NAME = "datalist.json"
 # Bump whenever the generated content changes, so stale cached datasets are regenerated, not reused.
 GENERATOR_VERSION = 1
 _MIN_SHAPE = (32, 32, 12)
 _MAX_TRIES = 20
 
-# Split name -> (folder, file stem prefix, seed stream id, whether the labels are listed in the split).
-# Distinct stream ids make every volume of every split a different "patient".
-_SPLITS: dict[str, tuple[str, str, int, bool]] = {
-    "source_train": ("source_train", "src_", 1, True),
-    "target_train": ("target_train", "tgt_", 2, False),
-    "target_val": ("target_val", "tgt_val_", 3, True),
-    "target_test": ("target_test", "tgt_test_", 4, True),
-}
+# Split name -> seed stream id: distinct ids make every volume of every split a different "patient".
+_SPLIT_STREAMS = {"source_train": 1, "target_train": 2, "target_val": 3, "target_test": 4}
 
 # Tissue codes of the rendering map: thorax context first, then the heart classes at _HEART + label.
 _AIR, _SOFT, _FAT, _LUNG, _BONE = 0, 1, 2, 3, 4
@@ -285,12 +277,12 @@ def _jittered(means: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return means * (1.0 + rng.uniform(-0.05, 0.05, size=means.shape))
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
     noise = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
     return noise / max(float(noise.std()), 1e-12)
 
 
-def _bias_field(rng: np.random.Generator, shape: tuple[int, int, int], strength: float) -> np.ndarray:
+def bias_field(rng: np.random.Generator, shape: tuple[int, int, int], strength: float) -> np.ndarray:
     # Quadratic polynomial in normalised coordinates: smooth, like a receive-coil sensitivity profile.
     x, y, z = (np.linspace(-1.0, 1.0, n).reshape([-1 if a == i else 1 for a in range(3)])
                for i, n in enumerate(shape))
@@ -317,8 +309,8 @@ def render_source(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     tissue = _tissue_map(labels, rng)
     img = _jittered(_SOURCE_MEANS, rng)[tissue]
     img = ndimage.gaussian_filter(img, 0.6)
-    img *= 1.0 + 0.04 * _smooth_noise(rng, img.shape, 2.0)
-    img *= _bias_field(rng, img.shape, rng.uniform(0.1, 0.2))
+    img *= 1.0 + 0.04 * smooth_noise(rng, img.shape, 2.0)
+    img *= bias_field(rng, img.shape, rng.uniform(0.1, 0.2))
     sigma = rng.uniform(0.03, 0.05)
     real = img + sigma * rng.standard_normal(img.shape)
     imag = sigma * rng.standard_normal(img.shape)
@@ -343,20 +335,9 @@ def render_target(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     tissue = _tissue_map(labels, rng)
     img = _jittered(_TARGET_MEANS, rng)[tissue]
     img = ndimage.gaussian_filter(img, rng.uniform(0.5, 0.8))
-    img += rng.uniform(25.0, 40.0) * _smooth_noise(rng, img.shape, 0.8)
+    img += rng.uniform(25.0, 40.0) * smooth_noise(rng, img.shape, 0.8)
     img += rng.uniform(10.0, 18.0) * rng.standard_normal(img.shape)
     return img.astype(np.float32)
-
-
-def _affine() -> np.ndarray:
-    return np.diag([SPACING_MM, SPACING_MM, SPACING_MM, 1.0])
-
-
-def _save_nifti(array: np.ndarray, path: pathlib.Path) -> None:
-    img = nib.Nifti1Image(array, _affine())
-    img.header.set_data_dtype(array.dtype)
-    img.header.set_xyzt_units("mm")
-    nib.save(img, str(path))
 
 
 def _metadata(seed: int, shape: tuple[int, int, int], counts: dict[str, int]) -> dict:
@@ -371,72 +352,9 @@ def _metadata(seed: int, shape: tuple[int, int, int], counts: dict[str, int]) ->
     }
 
 
-def _datalist_files(datalist: dict) -> list[str]:
-    return [v for key, entries in datalist.items() if key != "metadata"
-            for entry in entries for v in entry.values()]
-
-
-def _reusable(output_dir: pathlib.Path, metadata: dict) -> bool:
-    path = output_dir / DATALIST_NAME
-    try:
-        datalist = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(datalist, dict) or datalist.get("metadata") != metadata:
-        return False
-    return all((output_dir / f).is_file() for f in _datalist_files(datalist))
-
-
-def _owned_by_us(output_dir: pathlib.Path) -> bool:
-    """Whether replacing ``output_dir`` can only destroy data this module generated."""
-    if not output_dir.is_dir():
-        return False
-    names = {p.name for p in output_dir.iterdir()}
-    try:
-        meta = json.loads((output_dir / DATALIST_NAME).read_text(encoding="utf-8")).get("metadata", {})
-        if meta.get("generator") == __name__:
-            return True
-    except (OSError, ValueError, AttributeError):
-        pass
-    return names <= {DATALIST_NAME, *(folder for folder, *_ in _SPLITS.values())}
-
-
 def _volume_rngs(seed: int, stream: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
     geometry, render = np.random.SeedSequence([seed, stream, index]).spawn(2)
     return np.random.default_rng(geometry), np.random.default_rng(render)
-
-
-def _write_split(root: pathlib.Path, split: str, count: int, seed: int, shape: tuple[int, int, int],
-                 final_dir: pathlib.Path) -> list[dict[str, str]]:
-    folder, prefix, stream, _ = _SPLITS[split]
-    render = render_source if split.startswith("source") else render_target
-    (root / folder).mkdir(parents=True, exist_ok=True)
-    entries = []
-    for i in range(count):
-        geo_rng, render_rng = _volume_rngs(seed, stream, i)
-        labels = phantom_labels(geo_rng, shape)
-        image = render(labels, render_rng)
-        entry = {"image": f"{folder}/{prefix}{i:03d}_image.nii.gz",
-                 "label": f"{folder}/{prefix}{i:03d}_label.nii.gz"}
-        _save_nifti(image, root / entry["image"])
-        _save_nifti(labels, root / entry["label"])
-        entries.append(entry)
-    logger.info("phantom: wrote %d %s volumes of shape %s for %s", count, split, shape, final_dir)
-    return entries
-
-
-def _move_into_place(tmp: pathlib.Path, output_dir: pathlib.Path) -> None:
-    if output_dir.exists():
-        # Two renames instead of an in-place rewrite: the old dataset stays intact until the new one exists.
-        old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, output_dir)
 
 
 def generate_demo_dataset(
@@ -480,47 +398,20 @@ def generate_demo_dataset(
     Raises:
         FileExistsError: ``output_dir`` holds unrelated content and ``overwrite`` is false.
     """
-    output_dir = pathlib.Path(output_dir).expanduser().absolute()
     shape = _check_shape(shape)
     if int(seed) != seed or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    counts = {"source_train": num_source_train, "target_train": num_target_train,
-              "target_val": num_target_val, "target_test": num_target_test}
-    for split, count in counts.items():
-        if int(count) != count or count < 0:
-            raise ValueError(f"number of {split} volumes must be a non-negative integer, got {count!r}")
-    counts = {k: int(v) for k, v in counts.items()}
-    metadata = _metadata(int(seed), shape, counts)
-    datalist_path = output_dir / DATALIST_NAME
+    counts = check_counts({"source_train": num_source_train, "target_train": num_target_train,
+                           "target_val": num_target_val, "target_test": num_target_test})
+    seed = int(seed)
 
-    if not overwrite and _reusable(output_dir, metadata):
-        logger.info("phantom: reusing existing dataset %s (same generator arguments)", datalist_path)
-        return datalist_path
-    if output_dir.exists() and not overwrite and not _owned_by_us(output_dir):
-        raise FileExistsError(f"{output_dir} exists and was not generated by {__name__}; "
-                              "pass overwrite=True or choose another folder")
+    def make_volume(split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+        geo_rng, render_rng = _volume_rngs(seed, _SPLIT_STREAMS[split], index)
+        labels = phantom_labels(geo_rng, shape)
+        render = render_source if split.startswith("source") else render_target
+        return render(labels, render_rng), labels
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        datalist: dict = {split: _write_split(tmp, split, count, int(seed), shape, output_dir)
-                          for split, count in counts.items()}
-        datalist["target_train_labels"] = datalist["target_train"]
-        datalist["target_train"] = [{"image": e["image"]} for e in datalist["target_train_labels"]]
-        datalist["metadata"] = metadata
-        # The datalist is written last: its presence is what marks a dataset complete.
-        (tmp / DATALIST_NAME).write_text(json.dumps(datalist, indent=2) + "\n", encoding="utf-8")
-        try:
-            _move_into_place(tmp, output_dir)
-        except OSError:
-            # A concurrent run may have finished the same dataset first; that one is as good as ours.
-            if not _reusable(output_dir, metadata):
-                raise
-            logger.info("phantom: another process wrote %s first; using it", output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("phantom: dataset ready at %s", datalist_path)
-    return datalist_path
+    return write_dataset(output_dir, _metadata(seed, shape, counts), make_volume, [SPACING_MM] * 3, overwrite)
 
 
 def _first_labelled(datalist: dict, keys: Sequence[str]) -> dict[str, str]:

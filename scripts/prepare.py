@@ -24,7 +24,6 @@ import re
 import shutil
 import sys
 import tempfile
-import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from scripts.generated import move_into_place
 from scripts.validation import NIFTI_SUFFIXES, SPLITS
 
 __all__ = [
@@ -551,21 +551,6 @@ def _check_output_dir(output_dir: str | os.PathLike, overwrite: bool, inputs: Se
     return out
 
 
-def _move_into_place(tmp: pathlib.Path, output_dir: pathlib.Path) -> None:
-    if output_dir.exists():
-        # Two renames instead of an in-place rewrite: the old dataset stays intact until the new one exists.
-        old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(output_dir, old)
-        try:
-            os.replace(tmp, output_dir)
-        except OSError:
-            os.replace(old, output_dir)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output_dir)
-
-
 def _write_dataset(output_dir: pathlib.Path, items: Sequence[_Item], process: _Processor, metadata: dict,
                    target_labels: bool = True) -> pathlib.Path:
     """Every item processed and written, then the datalist; without ``target_labels`` no target label file is
@@ -609,7 +594,7 @@ def _write_dataset(output_dir: pathlib.Path, items: Sequence[_Item], process: _P
         datalist["metadata"] = metadata
         # The datalist is written last: its presence is what marks a dataset complete.
         (tmp / DATALIST_NAME).write_text(json.dumps(datalist, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, output_dir)
+        move_into_place(tmp, output_dir)
     except OSError as exc:
         raise PrepareError(f"{output_dir}: cannot write the dataset ({_describe(exc)})") from exc
     finally:

@@ -2,6 +2,7 @@
 one datalist, each evaluated on the target test volumes, summarised as the paper's tables and Fig. 5a.
 
     python -m scripts study --profile demo --max_iterations 600 --output_dir runs/study
+    python -m scripts study --profile demo_brain ...   # the real-anatomy benchmark (scripts/brain.py)
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ logger = logging.getLogger("dsan")
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 # override files of each profile, between train.yaml and the setup's: cpu sizes the networks for a CPU, demo adds
-# the phantom (generated into dataset_dir)
-PROFILES = {"demo": ["configs/cpu.yaml", "configs/demo.yaml"], "cpu": ["configs/cpu.yaml"], "paper": []}
+# the phantom, demo_brain the brain benchmark (generated into dataset_dir)
+PROFILES = {"demo": ["configs/cpu.yaml", "configs/demo.yaml"],
+            "demo_brain": ["configs/cpu.yaml", "configs/demo.yaml", "configs/demo_brain.yaml"],
+            "cpu": ["configs/cpu.yaml"], "paper": []}
+GENERATED_DATA = {"demo": "its phantom", "demo_brain": "the brain benchmark"}
+"""The profiles that generate their own dataset (scripts/phantom.py, scripts/brain.py)."""
 # setup name -> (override file on train.yaml or None for the full method, label as in the paper's tables)
 SETUPS = {
     "source_only": ("configs/source_only.yaml", "L_seg^s only (no adaptation)"),
@@ -297,9 +302,9 @@ def study(
         raise SystemExit(f"ERROR: unknown setups {unknown}; choose from {sorted(SETUPS)}")
     if profile not in PROFILES:
         raise SystemExit(f"ERROR: profile must be one of {sorted(PROFILES)}")
-    if profile == "demo" and dataset_dir is not None and "prepare_dataset" not in overrides:
-        raise SystemExit(f"ERROR: profile demo generates its phantom into dataset_dir {dataset_dir!r}; train your "
-                         "own data on a CPU with --profile cpu")
+    if profile in GENERATED_DATA and dataset_dir is not None and "prepare_dataset" not in overrides:
+        raise SystemExit(f"ERROR: profile {profile} generates {GENERATED_DATA[profile]} into dataset_dir "
+                         f"{dataset_dir!r}; train your own data on a CPU with --profile cpu")
     if jobs < 1:
         raise SystemExit(f"ERROR: jobs must be at least 1, got {jobs}")
     marks = [float(m) for m in ([budget_marks] if isinstance(budget_marks, (int, float)) else budget_marks)]

@@ -20,6 +20,7 @@ if _ROOT not in sys.path:
 
 # Imported after the path fix-up without tripping import-order lint rules.
 phantom = importlib.import_module("scripts.phantom")
+generated = importlib.import_module("scripts.generated")
 CLASS_NAMES = phantom.CLASS_NAMES
 generate_demo_dataset = phantom.generate_demo_dataset
 phantom_labels = phantom.phantom_labels
@@ -176,15 +177,15 @@ def test_regenerates_on_changed_arguments_or_missing_file(tmp_path: pathlib.Path
 
 def test_interrupted_run_leaves_no_dataset(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    real_save = phantom._save_nifti
+    real_save = generated.save_nifti
 
-    def flaky_save(array: np.ndarray, path: pathlib.Path) -> None:
+    def flaky_save(array: np.ndarray, path: pathlib.Path, spacing_mm) -> None:
         calls["n"] += 1
         if calls["n"] > 3:
             raise KeyboardInterrupt("simulated interruption")
-        real_save(array, path)
+        real_save(array, path, spacing_mm)
 
-    monkeypatch.setattr(phantom, "_save_nifti", flaky_save)
+    monkeypatch.setattr(generated, "save_nifti", flaky_save)
     with pytest.raises(KeyboardInterrupt):
         generate_demo_dataset(tmp_path / "data", shape=SHAPE, **COUNTS)
     assert list(tmp_path.iterdir()) == []

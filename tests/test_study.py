@@ -165,9 +165,10 @@ def test_cpu_profile_trains_your_own_data_with_your_class_names(tiny_dataset, tm
     assert set(results[0]["dice"]) == {"A", "B", "C", "D", "average"}
 
 
-def test_the_demo_profile_refuses_your_own_dataset_dir(tmp_path) -> None:
-    with pytest.raises(SystemExit, match="^ERROR: profile demo generates its phantom .* --profile cpu$"):
-        study(profile="demo", dataset_dir=str(tmp_path))
+@pytest.mark.parametrize("profile, what", [("demo", "its phantom"), ("demo_brain", "the brain benchmark")])
+def test_the_generated_data_profiles_refuse_your_own_dataset_dir(tmp_path, profile, what) -> None:
+    with pytest.raises(SystemExit, match=f"^ERROR: profile {profile} generates {what} .* --profile cpu$"):
+        study(profile=profile, dataset_dir=str(tmp_path))
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
