@@ -25,7 +25,7 @@ def test_two_cpu_ranks_draw_their_own_batches_train_in_step_and_only_rank_zero_w
     # process does (a DistributedSampler over volumes gave each rank 2, too few for one batch)
     overrides = [item for k, v in {**TINY, "batch_size": 4}.items() for item in (f"--{k}", str(v).replace(" ", ""))]
     finalize = [save_on_each_rank("@network.state_dict()", "weights"),
-                save_on_each_rank("next(iter(@train#target_loader))['image'].as_tensor()", "target_batch"),
+                save_on_each_rank("next(iter(@train#target_loader))['image']", "target_batch"),
                 "$torch.distributed.destroy_process_group()"]
     command = [
         str(torchrun) if torchrun.exists() else shutil.which("torchrun"), "--standalone", "--nproc_per_node=2",
