@@ -4,6 +4,7 @@ Importing the package imports every module, so configs need only `$import script
 """
 
 from scripts import (
+    brain,
     checkpoints,
     data,
     demo,
@@ -19,6 +20,6 @@ from scripts import (
 )
 
 __all__ = [
-    "checkpoints", "data", "demo", "evaluation", "inference", "losses",
+    "brain", "checkpoints", "data", "demo", "evaluation", "inference", "losses",
     "metrics", "networks", "phantom", "reporting", "trainer", "validation",
 ]

@@ -119,3 +119,18 @@ def test_the_demo_brain_profile_trains_and_scores_the_three_tissues(template_whe
     assert "| Dice CSF | Dice GM | Dice WM | Dice avg |" in header and len(rows) == 2
     results = json.loads((tmp_path / "study" / "results.json").read_text(encoding="utf-8"))
     assert all(0 <= r["dice"]["average"] <= 100 for r in results)
+
+
+def test_the_configs_prepare_step_fetches_into_the_template_cache(bundle_root, tmp_path) -> None:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(bundle_root / "configs" / f) for f in ("train.yaml", "cpu.yaml", "demo.yaml",
+                                                                   "demo_brain.yaml")])
+    parser.update({"bundle_root": str(bundle_root), "dataset_dir": str(tmp_path / "data"),
+                   "template_cache": str(tmp_path / "cache")})
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / brain.TEMPLATE_WHEEL).write_bytes(b"a damaged download")
+    with pytest.raises(SystemExit, match="is not the expected nilearn==0.14.1 wheel"):
+        parser.get_parsed_content("prepare_dataset")()
+    assert parser.get_parsed_content("class_names") == ["CSF", "GM", "WM"]
