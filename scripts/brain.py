@@ -29,8 +29,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from scripts.generated import check_counts, write_dataset
-from scripts.phantom import bias_field, smooth_noise
+from scripts.generated import check_counts, check_seed, volume_rngs, write_dataset
+from scripts.phantom import bias_field, smooth_noise, with_rician_noise
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,6 @@ TEMPLATE_MEMBERS = {name: f"nilearn/datasets/data/mni_icbm152_{name}_tal_nlin_sy
 RELAXATION = {"CSF": (1.00, 4200.0, 1800.0), "GM": (0.80, 1350.0, 95.0), "WM": (0.70, 830.0, 72.0)}
 """(proton density, T1 ms, T2 ms) per tissue: typical literature values at 3 T, rounded."""
 
-# Split name -> seed stream id: distinct ids make every volume of every split a different subject.
-_SPLIT_STREAMS = {"source_train": 1, "target_train": 2, "target_val": 3, "target_test": 4}
 
 
 class TemplateUnavailableError(SystemExit):
@@ -149,16 +147,10 @@ def tissue_labels(probs: np.ndarray) -> np.ndarray:
     return np.argmax(probs, axis=0).astype(np.uint8)
 
 
-def _with_rician_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    # the magnitude of a complex Gaussian signal, as MR images are
-    return np.sqrt((image + sigma * rng.standard_normal(image.shape)) ** 2
-                   + (sigma * rng.standard_normal(image.shape)) ** 2)
-
-
 def render_t1(subject: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """The source image: the subject's T1 template intensities with a bias field, a global gain and Rician noise."""
     image = subject["t1"] * bias_field(rng, subject["t1"].shape, rng.uniform(0.1, 0.2))
-    image = _with_rician_noise(image, rng.uniform(0.015, 0.03), rng)
+    image = with_rician_noise(image, rng.uniform(0.015, 0.03), rng)
     return (image * rng.uniform(800.0, 1200.0)).astype(np.float32)
 
 
@@ -177,7 +169,7 @@ def render_t2(subject: dict[str, np.ndarray], rng: np.random.Generator) -> np.nd
     image = np.tensordot(np.array([0.0, *signals], dtype=np.float32), subject["probs"], axes=1)
     image *= 1.0 + 0.03 * smooth_noise(rng, image.shape, 1.0)
     image *= bias_field(rng, image.shape, rng.uniform(0.1, 0.2))
-    image = _with_rician_noise(image, rng.uniform(0.01, 0.02), rng)
+    image = with_rician_noise(image, rng.uniform(0.01, 0.02), rng)
     return (image * rng.uniform(800.0, 1200.0)).astype(np.float32)
 
 
@@ -193,11 +185,9 @@ def generate_brain_dataset(
 ) -> pathlib.Path:
     """Write the brain benchmark (layout and datalist of ``scripts.generated``) and return its datalist path: a
     pure function of the arguments and the template, reused untouched if ``output_dir`` already holds it."""
-    if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = check_seed(seed)
     counts = check_counts({"source_train": num_source_train, "target_train": num_target_train,
                            "target_val": num_target_val, "target_test": num_target_test})
-    seed = int(seed)
     metadata = {"generator": __name__, "version": GENERATOR_VERSION, "seed": seed, "spacing": [SPACING_MM] * 3,
                 "classes": list(CLASS_NAMES), "counts": counts,
                 "template_sha256": _sha256(pathlib.Path(template_wheel))}
@@ -206,8 +196,7 @@ def generate_brain_dataset(
     def make_volume(split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not maps:  # read the template only when a volume is to be written
             maps.update(template_maps(read_template(template_wheel)))
-        warp_rng, render_rng = (np.random.default_rng(s) for s in
-                                np.random.SeedSequence([seed, _SPLIT_STREAMS[split], index]).spawn(2))
+        warp_rng, render_rng = volume_rngs(seed, split, index)
         subject = warp_subject(maps, warp_rng)
         render = render_t1 if split.startswith("source") else render_t2
         return render(subject, render_rng), tissue_labels(subject["probs"])

@@ -32,8 +32,23 @@ SPLIT_FILES: dict[str, tuple[str, str]] = {
 }
 """Split name -> (folder, file stem prefix)."""
 
+SPLIT_STREAMS = {"source_train": 1, "target_train": 2, "target_val": 3, "target_test": 4}
+"""Split name -> seed stream id: distinct ids make every volume of every split a different subject."""
+
 VolumeMaker = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
 """(split, index) -> (image, label) of one generated volume."""
+
+
+def volume_rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """Two independent generators (geometry, rendering) of one volume, a function of (seed, split, index) alone."""
+    geometry, render = np.random.SeedSequence([seed, SPLIT_STREAMS[split], index]).spawn(2)
+    return np.random.default_rng(geometry), np.random.default_rng(render)
+
+
+def check_seed(seed: object) -> int:
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
 
 
 def check_counts(counts: dict[str, object]) -> dict[str, int]:

@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from scripts.generated import check_counts, write_dataset
+from scripts.generated import check_counts, check_seed, volume_rngs, write_dataset
 
 __all__ = [
     "CLASS_NAMES",
@@ -45,8 +45,6 @@ GENERATOR_VERSION = 1
 _MIN_SHAPE = (32, 32, 12)
 _MAX_TRIES = 20
 
-# Split name -> seed stream id: distinct ids make every volume of every split a different "patient".
-_SPLIT_STREAMS = {"source_train": 1, "target_train": 2, "target_val": 3, "target_test": 4}
 
 # Tissue codes of the rendering map: thorax context first, then the heart classes at _HEART + label.
 _AIR, _SOFT, _FAT, _LUNG, _BONE = 0, 1, 2, 3, 4
@@ -292,6 +290,13 @@ def bias_field(rng: np.random.Generator, shape: tuple[int, int, int], strength: 
     return np.broadcast_to(field, shape)
 
 
+def with_rician_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """The magnitude of ``image`` plus complex Gaussian noise of ``sigma`` per channel, as MR magnitude images are."""
+    real = image + sigma * rng.standard_normal(image.shape)
+    imag = sigma * rng.standard_normal(image.shape)
+    return np.sqrt(real**2 + imag**2)
+
+
 def render_source(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Render a label volume as a source, MR-like image (bSSFP-style contrast, arbitrary units).
 
@@ -311,10 +316,7 @@ def render_source(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     img = ndimage.gaussian_filter(img, 0.6)
     img *= 1.0 + 0.04 * smooth_noise(rng, img.shape, 2.0)
     img *= bias_field(rng, img.shape, rng.uniform(0.1, 0.2))
-    sigma = rng.uniform(0.03, 0.05)
-    real = img + sigma * rng.standard_normal(img.shape)
-    imag = sigma * rng.standard_normal(img.shape)
-    img = np.sqrt(real**2 + imag**2) * rng.uniform(800.0, 1200.0)
+    img = with_rician_noise(img, rng.uniform(0.03, 0.05), rng) * rng.uniform(800.0, 1200.0)
     return img.astype(np.float32)
 
 
@@ -350,11 +352,6 @@ def _metadata(seed: int, shape: tuple[int, int, int], counts: dict[str, int]) ->
         "classes": list(CLASS_NAMES),
         "counts": dict(counts),
     }
-
-
-def _volume_rngs(seed: int, stream: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
-    geometry, render = np.random.SeedSequence([seed, stream, index]).spawn(2)
-    return np.random.default_rng(geometry), np.random.default_rng(render)
 
 
 def generate_demo_dataset(
@@ -399,14 +396,12 @@ def generate_demo_dataset(
         FileExistsError: ``output_dir`` holds unrelated content and ``overwrite`` is false.
     """
     shape = _check_shape(shape)
-    if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = check_seed(seed)
     counts = check_counts({"source_train": num_source_train, "target_train": num_target_train,
                            "target_val": num_target_val, "target_test": num_target_test})
-    seed = int(seed)
 
     def make_volume(split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
-        geo_rng, render_rng = _volume_rngs(seed, _SPLIT_STREAMS[split], index)
+        geo_rng, render_rng = volume_rngs(seed, split, index)
         labels = phantom_labels(geo_rng, shape)
         render = render_source if split.startswith("source") else render_target
         return render(labels, render_rng), labels

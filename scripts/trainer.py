@@ -91,7 +91,8 @@ DISCRIMINATOR_PASSES = {
 
 
 TARGET_TERMS = frozenset({"gen_t", "gen_s", "adv_sec"})
-"""The terms of Eq. (12) that read x_t: Eq. (3) and (2) (L_gen^t, L_gen^s) and Eq. (9)-(11) (L_adv^sec)."""
+"""The terms of Eq. (12) that read x_t: L_gen^t (Eq. (5), its reconstruction Eq. (3)), L_gen^s (Eq. (6), its
+translation Eq. (2)) and L_adv^sec (Eq. (9)-(11))."""
 
 
 def reads_target_images(terms: Iterable[str]) -> bool:
