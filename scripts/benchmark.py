@@ -20,11 +20,9 @@ from monai.bundle import ConfigParser
 
 from scripts import data, losses
 from scripts.networks import running_stats_kept, set_requires_grad
+from scripts.setups import BUNDLE_ROOT, PROFILES, bundle_config
 from scripts.trainer import TERMS, DSANTrainer
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-PROFILES = {"demo": ["configs/train.yaml", "configs/cpu.yaml", "configs/demo.yaml"],
-            "cpu": ["configs/train.yaml", "configs/cpu.yaml"], "paper": ["configs/train.yaml"]}
 NETWORK_IDS = ["network", "decoder_s", "decoder_t", "image_discriminator_s", "image_discriminator_t",
                "prediction_discriminators"]
 OPTIMIZER_IDS = ["optimizer_seg", "optimizer_dec", "optimizer_d_image", "optimizer_d_pred"]
@@ -34,10 +32,7 @@ def profile_parser(profile: str, device: torch.device, dataset_dir: str | Path |
     """The bundle's configs of a profile, on ``device``, reading ``dataset_dir``'s datalist.json when given."""
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE_ROOT / f) for f in PROFILES[profile]])
-    parser["bundle_root"] = str(BUNDLE_ROOT)
-    parser["device"] = f"$torch.device('{device}')"
+    parser = bundle_config(profile, "full", device=f"$torch.device('{device}')")
     if dataset_dir is not None:
         parser["dataset_dir"] = str(dataset_dir)
         parser["datalist"] = str(Path(dataset_dir) / "datalist.json")

@@ -15,9 +15,10 @@ import torch
 from monai.transforms import Compose
 from torch import nn
 
+from scripts.checkpoints import read_model_settings, write_model_settings
 from scripts.data import preprocessed_slices, read_split
 from scripts.networks import batch_norm_momentum
-from scripts.study import bundle_config
+from scripts.setups import bundle_config
 
 
 def reestimate_running_stats(network: nn.Module, batches: Iterable[torch.Tensor]) -> int:
@@ -40,7 +41,9 @@ def reestimate_running_stats(network: nn.Module, batches: Iterable[torch.Tensor]
 def recalibrate(model: str | os.PathLike, output: str | os.PathLike, split: str = "target_train",
                 profile: str = "demo", **overrides: object) -> str:
     """Write ``model`` (a segmenter state dict, e.g. a best model.pt) to ``output`` with its batch-norm running
-    statistics re-estimated over every slice of the datalist split ``split``, ``batch_size`` slices at a time."""
+    statistics re-estimated over every slice of the datalist split ``split``, ``batch_size`` slices at a time,
+    and beside it the model's settings (its model.json, which inference and evaluation rebuild the network from)
+    with the split they were re-estimated on."""
     parser = bundle_config(profile, "full", **{"device": "$torch.device('cpu')", **overrides})
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(model, map_location="cpu", weights_only=True))
@@ -51,4 +54,7 @@ def recalibrate(model: str | os.PathLike, output: str | os.PathLike, split: str 
     count = reestimate_running_stats(network, batches)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), output)
+    settings = read_model_settings(model)
+    if settings:
+        write_model_settings(output, {**settings, "batch_norm_statistics_of": split})
     return f"{output}: running statistics of {model} re-estimated on {split} ({len(entries)} volumes, {count} batches)"

@@ -23,7 +23,7 @@ from scipy.stats import spearmanr
 
 from scripts.checkpoints import CHECKPOINT_PATTERN
 from scripts.selection import METRICS
-from scripts.study import bundle_config
+from scripts.setups import bundle_config
 
 NETWORK_KEYS = {"network": "segmenter", "translation_encoder": "translation_encoder", "decoder_s": "decoder_s"}
 

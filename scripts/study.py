@@ -18,52 +18,22 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from monai.bundle import ConfigParser, run
+from monai.bundle import run
 
+from scripts.recalibration import recalibrate
 from scripts.reporting import format_duration, read_history
+from scripts.setups import (
+    BUNDLE_ROOT,
+    DEFAULT_SETUPS,
+    GENERATED_DATA,
+    PROFILES,
+    RECALIBRATED,
+    SETUPS,
+    bundle_config,
+    config_files,
+)
 
 logger = logging.getLogger("dsan")
-
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-# override files of each profile, between train.yaml and the setup's: cpu sizes the networks for a CPU, demo adds
-# the phantom, demo_brain the brain benchmark (generated into dataset_dir)
-PROFILES = {"demo": ["configs/cpu.yaml", "configs/demo.yaml"],
-            "demo_brain": ["configs/cpu.yaml", "configs/demo.yaml", "configs/demo_brain.yaml"],
-            "cpu": ["configs/cpu.yaml"], "paper": []}
-GENERATED_DATA = {"demo": "its phantom", "demo_brain": "the brain benchmark"}
-"""The profiles that generate their own dataset (scripts/phantom.py, scripts/brain.py)."""
-# setup name -> (override file on train.yaml or None for the full method, label as in the paper's tables)
-SETUPS = {
-    "source_only": ("configs/source_only.yaml", "L_seg^s only (no adaptation)"),
-    "ablation_gen_t": ("configs/ablation_gen_t.yaml", "L_gen^t + L_seg^s->t"),
-    "ablation_gen_ts": ("configs/ablation_gen_ts.yaml", "+ L_gen^s"),
-    "ablation_gen_ts_seg": ("configs/ablation_gen_ts_seg.yaml", "+ L_seg^s"),
-    "full": (None, "+ L_adv^sec (full DSAN)"),
-    "variant_shared_decoders": ("configs/variant_shared_decoders.yaml", "shared decoders"),
-    "variant_unshared_encoders": ("configs/variant_unshared_encoders.yaml", "unshared encoders"),
-    "variant_unshared_discriminators": ("configs/variant_unshared_discriminators.yaml", "unshared discriminators"),
-    "supervised": ("configs/supervised.yaml", "supervised on target (upper bound)"),
-    "pretrained_encoder": ("configs/pretrained_encoder.yaml", "full DSAN, ResNet-50-initialised encoder"),
-    "running_stats_all": ("configs/running_stats_all.yaml", "full DSAN, running_stats: all (every pass of E)"),
-}
-# the paper's study: not pretrained_encoder (needs a local weight file) nor running_stats_all (a choice the paper
-# leaves open, compared with train.yaml's)
-DEFAULT_SETUPS = [name for name in SETUPS if name not in ("pretrained_encoder", "running_stats_all")]
-
-
-def config_files(profile: str, setup: str) -> list[str]:
-    override = SETUPS[setup][0]
-    return [str(BUNDLE_ROOT / f) for f in ["configs/train.yaml", *PROFILES[profile], *([override] if override else [])]]
-
-
-def bundle_config(profile: str, setup: str, **overrides: object) -> ConfigParser:
-    """The config of one setup (train.yaml, the profile's and the setup's override files) rooted at this bundle,
-    with ``overrides`` applied."""
-    parser = ConfigParser()
-    parser.read_config(config_files(profile, setup))
-    parser.update({"bundle_root": str(BUNDLE_ROOT), **overrides})
-    return parser
-
 
 def train_setup(setup: str, profile: str, out: Path, budget: dict) -> float:
     """Train one setup into ``out`` (resuming if it holds checkpoints); return the wall time in seconds."""
@@ -247,8 +217,11 @@ def study_setup(name: str, profile: str, out: Path, budget: dict, data_root: Pat
     """Train one setup and evaluate its best model at every budget; with ``threads``, in this many torch threads
     and logging to ``<out>/train.log`` (a study running setups side by side). A setup whose results are already
     in ``<out>/study_rows.json`` (a study run before into the same folder) is not trained again. A setup that
-    raises gives one ``failed_row`` (its traceback appended to ``<out>/train.log``), so the others still run."""
+    raises gives one ``failed_row`` (its traceback appended to ``<out>/train.log``), so the others still run.
+    A setup of ``RECALIBRATED`` trains nothing: it reads the models of the setup it names, beside ``out``."""
     try:
+        if name in RECALIBRATED:
+            return recalibrated_and_evaluated(name, profile, out, budget, data_root, datalist, class_names)
         return trained_and_evaluated(name, profile, out, budget, data_root, datalist, class_names, threads)
     except (Exception, SystemExit) as error:  # guards end a run with SystemExit: a failed setup all the same
         out.mkdir(parents=True, exist_ok=True)
@@ -282,6 +255,69 @@ def trained_and_evaluated(name: str, profile: str, out: Path, budget: dict, data
     return rows
 
 
+def recalibrated_and_evaluated(name: str, profile: str, out: Path, budget: dict, data_root: Path, datalist: Path,
+                               class_names: Sequence[str]) -> list[dict]:
+    """AdaBN at every budget: each best model of the setup ``RECALIBRATED[name]`` (trained beside ``out``) with
+    its batch-norm statistics re-estimated on target_train, evaluated like a trained setup. Its iterations are
+    the trained model's; its wall time the trained run's plus the re-estimation."""
+    done = out / "study_rows.json"
+    if done.is_file():
+        return json.loads(done.read_text(encoding="utf-8"))
+    trained = out.parent / RECALIBRATED[name]
+    trained_rows = json.loads((trained / "study_rows.json").read_text(encoding="utf-8"))
+    if any("failed" in row for row in trained_rows):
+        raise RuntimeError(f"{RECALIBRATED[name]}, whose models {name} re-estimates, failed")
+    wall = {row["budget"]: row["wall_s"] for row in trained_rows}
+    models = budget_models(trained, read_history(trained / "validation.json"), budget["budget_marks"],
+                           budget["max_minutes"])
+    rows = []
+    for label, (model, iterations) in models.items():
+        start = time.perf_counter()
+        logger.info("study: %s", recalibrate(model, out / model.name, split="target_train", profile=profile,
+                                             **budget))
+        seconds = time.perf_counter() - start
+        summary = evaluate_setup(out, out / model.name, datalist, data_root)
+        rows.append(study_row(name, label, iterations, wall[label] + seconds, summary, class_names))
+    done.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return rows
+
+
+def with_trained_setups(setups: Sequence[str]) -> list[str]:
+    """``setups`` with, before each setup of ``RECALIBRATED`` whose trained setup is not among them, that one."""
+    complete: list[str] = []
+    for name in setups:
+        base = RECALIBRATED.get(name)
+        if base is not None and base not in setups and base not in complete:
+            logger.info("study: %s re-estimates the models of %s: training %s too", name, base, base)
+            complete.append(base)
+        complete.append(name)
+    return complete
+
+
+def train_in_turn(setups: Sequence[str], out_root: Path, common: dict) -> dict[str, list[dict]]:
+    per_setup = {}
+    for index, name in enumerate(setups, 1):
+        logger.info("study: setup %d/%d %s -> %s", index, len(setups), name, out_root / name)
+        per_setup[name] = study_setup(name, out=out_root / name, **common)
+        logger.info("study: %s %s", name, outcome(per_setup[name]))
+    return per_setup
+
+
+def train_side_by_side(setups: Sequence[str], jobs: int, out_root: Path, common: dict) -> dict[str, list[dict]]:
+    """``jobs`` setups at a time, each in its own process with cpu_count / jobs torch threads, logging to
+    ``<out_root>/<setup>/train.log``."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # the workers log to their own files: this process says on the console what runs where
+    print(f"study: {len(setups)} setups, {jobs} side by side in {threads} torch thread(s) each; follow them in "
+          f"{out_root}/<setup>/train.log", flush=True)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(study_setup, name, out=out_root / name, threads=threads, **common): name
+                   for name in setups}
+        for future in as_completed(futures):
+            print(f"study: {futures[future]} {outcome(future.result())}", flush=True)
+        return {futures[future]: future.result() for future in futures}
+
+
 def study(
     setups: Sequence[str] = tuple(DEFAULT_SETUPS), profile: str = "demo", max_iterations: int = 600,
     val_interval: int = 100, max_minutes: float | None = None, budget_marks: Sequence[float] = (),
@@ -300,6 +336,7 @@ def study(
     unknown = sorted(set(setups) - set(SETUPS))
     if unknown:
         raise SystemExit(f"ERROR: unknown setups {unknown}; choose from {sorted(SETUPS)}")
+    setups = with_trained_setups(setups)
     if profile not in PROFILES:
         raise SystemExit(f"ERROR: profile must be one of {sorted(PROFILES)}")
     if profile in GENERATED_DATA and dataset_dir is not None and "prepare_dataset" not in overrides:
@@ -325,29 +362,20 @@ def study(
     common = {"profile": profile, "budget": budget, "data_root": Path(parser.get_parsed_content("dataset_dir")),
               "datalist": Path(parser.get_parsed_content("datalist")),
               "class_names": parser.get_parsed_content("class_names")}
-    if jobs == 1:
-        per_setup = []
-        for index, name in enumerate(setups, 1):
-            logger.info("study: setup %d/%d %s -> %s", index, len(setups), name, out_root / name)
-            per_setup.append(study_setup(name, out=out_root / name, **common))
-            logger.info("study: %s %s", name, outcome(per_setup[-1]))
-    else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        # the workers log to their own files: this process says on the console what runs where
-        print(f"study: {len(setups)} setups, {jobs} side by side in {threads} torch thread(s) each; follow them in "
-              f"{out_root}/<setup>/train.log", flush=True)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(study_setup, name, out=out_root / name, threads=threads, **common): name
-                       for name in setups}
-            for future in as_completed(futures):
-                print(f"study: {futures[future]} {outcome(future.result())}", flush=True)
-            per_setup = [future.result() for future in futures]
-    rows = [row for setup_rows in per_setup for row in setup_rows]
+    trained = [name for name in setups if name not in RECALIBRATED]
+    per_setup = (train_in_turn(trained, out_root, common) if jobs == 1
+                 else train_side_by_side(trained, jobs, out_root, common))
+    for name in setups:
+        if name in RECALIBRATED:  # after the setup whose models it re-estimates
+            logger.info("study: %s: the models of %s re-estimated on target_train", name, RECALIBRATED[name])
+            per_setup[name] = study_setup(name, out=out_root / name, **common)
+            logger.info("study: %s %s", name, outcome(per_setup[name]))
+    rows = [row for name in setups for row in per_setup[name]]
     gap_closure(rows)
     table = study_table(rows, common["class_names"])
     (out_root / "table.md").write_text(table + "\n", encoding="utf-8")
     (out_root / "results.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    histories = {name: read_history(out_root / name / "validation.json") for name in setups}
+    histories = {name: read_history(out_root / name / "validation.json") for name in trained}
     budget_text = f"{max_minutes:g} min" if max_minutes is not None else f"{max_iterations} iterations"
     plot_validation_curves(histories, out_root / "validation_dice.png",
                            f"target validation Dice, profile {profile}, {budget_text}")

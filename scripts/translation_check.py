@@ -21,7 +21,7 @@ from scripts.checkpoints import latest_checkpoint
 from scripts.data import preprocessed_slices, read_split
 from scripts.metrics import class_intensity_sums
 from scripts.networks import translate_as_in_training
-from scripts.study import bundle_config
+from scripts.setups import bundle_config
 
 
 def _class_means(parser: ConfigParser, split: str, translate: Callable | None = None) -> torch.Tensor:

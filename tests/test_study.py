@@ -6,13 +6,15 @@ import json
 import math
 
 import pytest
+import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.utils import set_determinism
 
 from scripts.evaluation import summarise
 from scripts.metrics import METRIC_NAMES
-from scripts.study import SETUPS, config_files, gap_closure, study, study_row, study_table
+from scripts.setups import SETUPS, config_files
+from scripts.study import gap_closure, study, study_row, study_table, with_trained_setups
 from scripts.translation_check import translation_check
 from tests.conftest import TINY
 
@@ -29,7 +31,8 @@ def test_every_setup_is_a_small_override_that_instantiates(bundle_root, tiny_dat
     if setup == "pretrained_encoder":
         pytest.skip("needs a local ResNet-50 weight file; loading is tested in test_networks.py")
     trainer = parser.get_parsed_content("train#trainer")
-    terms = {"source_only": {"seg_s"}, "supervised": {"seg_s"}, "ablation_gen_t": {"gen_t", "seg_s2t"},
+    terms = {"source_only": {"seg_s"}, "supervised": {"seg_s"}, "adabn": {"seg_s"},
+             "ablation_gen_t": {"gen_t", "seg_s2t"},
              "ablation_gen_ts": {"gen_t", "seg_s2t", "gen_s"},
              "ablation_gen_ts_seg": {"gen_t", "seg_s2t", "gen_s", "seg_s"}}
     assert trainer.terms == terms.get(setup, {"gen_t", "gen_s", "seg_s", "seg_s2t", "adv_sec"})
@@ -44,15 +47,15 @@ def test_every_setup_is_a_small_override_that_instantiates(bundle_root, tiny_dat
 
 
 def test_study_command_writes_the_table_and_the_curves(tiny_dataset, tmp_path) -> None:
-    table = study(setups=["source_only", "full", "supervised"], profile="demo", max_iterations=2, val_interval=1,
-                  max_minutes=60, budget_marks=[0], jobs=2, output_dir=tmp_path / "study",
+    table = study(setups=["source_only", "full", "adabn", "supervised"], profile="demo", max_iterations=2,
+                  val_interval=1, max_minutes=60, budget_marks=[0], jobs=2, output_dir=tmp_path / "study",
                   dataset_dir=str(tiny_dataset.parent), prepare_dataset="$lambda: None", **TINY)
     lines = table.splitlines()
-    assert lines[0].startswith("| setup | budget | Dice AA |") and len(lines) == 2 + 3 * 2
-    assert "L_seg^s only" in lines[2] and "full DSAN" in lines[4] and "supervised" in lines[6]
+    assert lines[0].startswith("| setup | budget | Dice AA |") and len(lines) == 2 + 4 * 2
+    assert "L_seg^s only" in lines[2] and "full DSAN" in lines[4] and "AdaBN" in lines[6] and "supervised" in lines[8]
     rows = json.loads((tmp_path / "study" / "results.json").read_text(encoding="utf-8"))
     assert [(r["setup"], r["budget"]) for r in rows] == [
-        (name, budget) for name in ("source_only", "full", "supervised") for budget in ("0 min", "60 min")]
+        (name, budget) for name in ("source_only", "full", "adabn", "supervised") for budget in ("0 min", "60 min")]
     for r in rows:
         # the 0-minute mark is the first validation (iteration 1); the whole run ends at max_iterations
         assert r["iterations"] == (1 if r["budget"] == "0 min" else 2)
@@ -63,6 +66,7 @@ def test_study_command_writes_the_table_and_the_curves(tiny_dataset, tmp_path) -
     if dice["supervised"] != dice["source_only"]:
         closed = 100 * (dice["full"] - dice["source_only"]) / (dice["supervised"] - dice["source_only"])
         assert rows[3]["gap_closed"] == pytest.approx(closed)
+    assert_adabn_reestimates_the_source_only_models(tmp_path / "study", rows)
     histories = {name: json.loads((tmp_path / "study" / name / "validation.json").read_text(encoding="utf-8"))
                  for name in ("source_only", "full")}
     assert "translation_w1" in histories["full"][-1] and "translation_w1" not in histories["source_only"][-1]
@@ -73,11 +77,32 @@ def test_study_command_writes_the_table_and_the_curves(tiny_dataset, tmp_path) -
     assert (tmp_path / "study" / "validation_dice.png").stat().st_size > 10_000
     assert (tmp_path / "study" / "table.md").read_text(encoding="utf-8").strip() == table
     # a setup already trained and evaluated in this folder is reused, not trained again
-    again = study(setups=["source_only", "supervised"], profile="demo", max_iterations=2, val_interval=1,
+    again = study(setups=["adabn", "supervised"], profile="demo", max_iterations=2, val_interval=1,
                   max_minutes=60, budget_marks=[0], output_dir=tmp_path / "study", dataset_dir=str(tiny_dataset.parent),
                   prepare_dataset="$lambda: None", **TINY)
-    assert again.splitlines()[2:] == [lines[i] for i in (2, 3, 6, 7)]
+    assert again.splitlines()[2:] == [lines[i] for i in (2, 3, 6, 7, 8, 9)]  # adabn brings its source-only rows
     assert log == (tmp_path / "study" / "supervised" / "train.log").read_text(encoding="utf-8")
+
+
+def assert_adabn_reestimates_the_source_only_models(study_dir, rows) -> None:
+    by_setup = {(r["setup"], r["budget"]): r for r in rows}
+    for budget, model in (("0 min", "model_0min"), ("60 min", "model")):
+        source_only, adabn = by_setup[("source_only", budget)], by_setup[("adabn", budget)]
+        assert adabn["iterations"] == source_only["iterations"] and adabn["wall_s"] > source_only["wall_s"]
+        trained = torch.load(study_dir / "source_only" / f"{model}.pt", weights_only=True)
+        recalibrated = torch.load(study_dir / "adabn" / f"{model}.pt", weights_only=True)
+        assert not torch.equal(trained["encoder.bn1.running_mean"], recalibrated["encoder.bn1.running_mean"])
+        assert torch.equal(trained["encoder.conv1.weight"], recalibrated["encoder.conv1.weight"])
+        settings = json.loads((study_dir / "adabn" / f"{model}.json").read_text(encoding="utf-8"))
+        assert settings == {**json.loads((study_dir / "source_only" / f"{model}.json").read_text(encoding="utf-8")),
+                            "batch_norm_statistics_of": "target_train"}
+    assert not (study_dir / "adabn" / "validation.json").exists()  # it trains nothing
+
+
+def test_a_recalibrated_setup_brings_the_setup_it_reads() -> None:
+    assert with_trained_setups(["full", "adabn"]) == ["full", "source_only", "adabn"]
+    assert with_trained_setups(["adabn", "source_only"]) == ["adabn", "source_only"]  # already there: after it
+    assert with_trained_setups(["source_only", "adabn"]) == ["source_only", "adabn"]
 
 
 def test_gap_closure_is_the_share_of_the_source_only_to_supervised_gap() -> None:
