@@ -14,6 +14,7 @@ from scripts import (
     metrics,
     networks,
     phantom,
+    pseudo_labels,
     reporting,
     trainer,
     validation,
@@ -21,5 +22,5 @@ from scripts import (
 
 __all__ = [
     "brain", "checkpoints", "data", "demo", "evaluation", "inference", "losses",
-    "metrics", "networks", "phantom", "reporting", "trainer", "validation",
+    "metrics", "networks", "phantom", "pseudo_labels", "reporting", "trainer", "validation",
 ]

@@ -151,6 +151,20 @@ class CheckpointWriteError(SystemExit):
 
 # ---- model.json: what a saved model was trained with ---------------------------------------------------
 
+def initialised_from(network: nn.Module, model: str | os.PathLike | None) -> nn.Module:
+    """``network`` with the weights of ``model`` (a model.pt state dict), checked to fit: where a stage starts
+    from a trained model (self-training's --init_ckpt)."""
+    if model is None:
+        raise InputError("init_ckpt is not set: self-training starts from a trained model, e.g. "
+                         "--init_ckpt runs/demo/dsan/model.pt")
+    if not Path(model).is_file():
+        raise InputError(f"init_ckpt {str(model)!r} does not exist: pass the model.pt a training run wrote.")
+    state = torch.load(model, map_location="cpu", weights_only=True)
+    check_state_dict_fits(network, state, f"init_ckpt {str(model)!r}")
+    network.load_state_dict(state)
+    return network
+
+
 def settings_file(model: str | os.PathLike) -> Path:
     """The sidecar of a model file (``model.json`` beside ``model.pt``): model.pt itself stays a plain state dict,
     as Model Zoo tools (ckpt_export, verify_net_in_out) expect."""

@@ -85,12 +85,20 @@ def read_split(datalist: str | os.PathLike, dataset_dir: str | os.PathLike, spli
     return load_decathlon_datalist(str(datalist), is_segmentation=True, data_list_key=split, base_dir=dataset_dir)
 
 
+def optional_split(datalist: str | os.PathLike, dataset_dir: str | os.PathLike, split: str) -> list[dict] | None:
+    """``read_split``, or None when the datalist has no such split (e.g. target_train_labels, which only a
+    benchmark has)."""
+    return read_split(datalist, dataset_dir, split) if validation.read_datalist(datalist).get(split) else None
+
+
 def preprocessed_slices(entries: Iterable[dict], transform: Callable) -> Iterator[dict[str, torch.Tensor]]:
     """Each datalist entry preprocessed by ``transform``, one at a time: its image (and label, if it has one) as
-    the (D, 1, H, W) 2D slices the networks see."""
+    the (D, 1, H, W) 2D slices the networks see, and the affine of the preprocessed grid."""
     for entry in entries:
         item = transform(entry)
-        yield {key: torch.as_tensor(item[key]).permute(3, 0, 1, 2).float() for key in ("image", "label") if key in item}
+        slices = {key: torch.as_tensor(item[key]).permute(3, 0, 1, 2).float()
+                  for key in ("image", "label") if key in item}
+        yield {**slices, "affine": np.asarray(item["image"].affine)}
 
 
 class SeededRandomSampler(Sampler[tuple[int, int]]):
@@ -236,7 +244,8 @@ class UnpairedBatches:
     Each loader is restarted (and so reshuffled) whenever it runs out, independently of the other, so
     neither domain's data is repeated to match the other's length. Without a ``target_loader`` (a source-only
     run, whose terms never read x_t: ``scripts.trainer.reads_target_images``) the items hold the source batch
-    alone, and no target batch is drawn.
+    alone, and no target batch is drawn. Target items that carry a label (self-training's pseudo-labels) give it
+    as ``target_label``.
     """
 
     def __init__(self, source_loader: Iterable[dict], target_loader: Iterable[dict] | None = None) -> None:
@@ -260,4 +269,7 @@ class UnpairedBatches:
                 yield {"source_image": source["image"], "source_label": source["label"]}
             return
         for source, target in zip(sources, self._forever(self.target_loader)):
-            yield {"source_image": source["image"], "source_label": source["label"], "target_image": target["image"]}
+            item = {"source_image": source["image"], "source_label": source["label"], "target_image": target["image"]}
+            if "label" in target:  # pseudo-labels (self-training)
+                item["target_label"] = target["label"]
+            yield item

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 GAN_MODES = ("lsgan", "bce")
+IGNORE_LABEL = 255
+"""A label value no loss reads: the pixels a pseudo-label map leaves unlabelled (scripts/pseudo_labels.py)."""
 
 
 def gan_loss(logits: torch.Tensor, real: bool, mode: str = "lsgan") -> torch.Tensor:
@@ -76,12 +78,17 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1e-5,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
     """1 - mean over classes of the soft Dice between softmax(logits) and one-hot labels, pooled over
-    the batch (so a class absent from one slice does not dominate)."""
+    the batch (so a class absent from one slice does not dominate); with ``valid`` (B, H, W) bool, over those
+    pixels alone."""
     num_classes = logits.shape[1]
     probs = torch.softmax(at_least_float32(logits), dim=1)
     onehot = F.one_hot(labels, num_classes).permute(0, 3, 1, 2).to(probs.dtype)
+    if valid is not None:
+        mask = valid.unsqueeze(1).to(probs.dtype)
+        probs, onehot = probs * mask, onehot * mask
     dims = (0, 2, 3)
     intersection = (probs * onehot).sum(dims)
     denominator = probs.sum(dims) + onehot.sum(dims)
@@ -90,7 +97,9 @@ def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1
 
 class SegmentationLoss(nn.Module):
     """Eq. (7) L_seg^s and Eq. (8) L_seg^s->t: sum over the classifier levels i of
-    weighted cross-entropy + soft Dice of C_i's logits (upsampled to the label size) against y_s.
+    weighted cross-entropy + soft Dice of C_i's logits (upsampled to the label size) against y_s. Pixels
+    labelled ``IGNORE_LABEL`` (a pseudo-label map's unlabelled ones) take no part in either; a batch with no
+    other pixel gives a zero loss with zero gradients.
 
     ``class_weights``: "inverse_frequency" (per batch, see ``inverse_frequency_weights``), a fixed
     list of K weights, or None for unweighted cross-entropy.
@@ -106,11 +115,17 @@ class SegmentationLoss(nn.Module):
         self.register_buffer("fixed_weights", fixed, persistent=False)
 
     def level_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        weights = inverse_frequency_weights(labels, self.num_classes) if self.per_batch_weights else self.fixed_weights
-        logits = at_least_float32(logits)
-        ce = F.cross_entropy(logits, labels, weight=None if weights is None else weights.to(logits))
-        return ce + soft_dice_loss(logits, labels)
+        logits = at_least_float32(F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False))
+        valid = labels != IGNORE_LABEL
+        if valid.all():
+            valid = None  # the labelled case computes exactly what it did before ignored pixels existed
+        elif not valid.any():
+            return logits.sum() * 0.0
+        kept = labels if valid is None else labels[valid]
+        weights = inverse_frequency_weights(kept, self.num_classes) if self.per_batch_weights else self.fixed_weights
+        ce = F.cross_entropy(logits, labels, weight=None if weights is None else weights.to(logits),
+                             ignore_index=IGNORE_LABEL)
+        return ce + soft_dice_loss(logits, labels if valid is None else labels.where(valid, 0), valid=valid)
 
     def forward(self, level_logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         labels = as_class_map(labels)

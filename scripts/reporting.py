@@ -191,6 +191,10 @@ def read_history(path: str | os.PathLike) -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
 
 
+TRANSLATION_TERMS = frozenset({"gen_t", "gen_s"})
+"""The terms of Eq. (12) that train U_t / U_s: a run without them has no translation to preview."""
+
+
 class TranslationPreview:
     """Every ``interval`` validations, renders x_s, x_s->t, x_t, x_t->s for a fixed set of training slices
     (the first batch the trainer drew) into ``<output_dir>/translations/iter_<N>.png``, so the translation
@@ -205,6 +209,8 @@ class TranslationPreview:
         self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attach(self, engine: Engine) -> None:
+        if not TRANSLATION_TERMS & set(engine.terms):  # source-only, self-training: no translation to show
+            return
         # the first batch this run draws (after a resume too) becomes the fixed preview set
         engine.add_event_handler(Events.ITERATION_COMPLETED(event_filter=lambda *_: self._fixed is None),
                                  self._keep_batch)
@@ -212,8 +218,6 @@ class TranslationPreview:
 
     def _keep_batch(self, engine: Engine) -> None:
         batch = engine.state.batch
-        if "target_image" not in batch:  # a source-only run: it trains no translation, there is none to show
-            return
         self._fixed = tuple(torch.as_tensor(batch[k][: self.num_samples]).detach().cpu().clone()
                             for k in ("source_image", "target_image"))
 

@@ -45,6 +45,10 @@ logger = logging.getLogger("dsan")
 
 TERMS = ("gen_t", "gen_s", "seg_s", "seg_s2t", "adv_sec")
 """The five terms of Eq. (12): L_gen^t, L_gen^s, L_seg^s, L_seg^s->t, L_adv^sec."""
+SELF_TRAINING_TERM = "seg_t"
+"""Not the paper's: L_seg^t, Eq. (7)'s loss on target images against their pseudo-labels (self-training,
+scripts/pseudo_labels.py), added to Eq. (12) with lambda_seg."""
+ALL_TERMS = (*TERMS, SELF_TRAINING_TERM)
 
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -59,9 +63,10 @@ class NonFiniteLossError(SystemExit):
 
 def prepare_unpaired_batch(
     batch: dict[str, torch.Tensor], device: torch.device | str, non_blocking: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(x_s, y_s, x_t) as plain tensors on ``device`` from one ``UnpairedBatches`` item; x_t is None when the
-    stream draws no target batches (``reads_target_images``)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(x_s, y_s, x_t, y_t) as plain tensors on ``device`` from one ``UnpairedBatches`` item; x_t is None when
+    the stream draws no target batches (``reads_target_images``), y_t unless the target images carry
+    pseudo-labels (self-training)."""
 
     def to_device(t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None:
@@ -70,7 +75,7 @@ def prepare_unpaired_batch(
         return t.to(device, non_blocking=non_blocking)
 
     return (to_device(batch["source_image"]), to_device(batch["source_label"]),
-            to_device(batch.get("target_image")))
+            to_device(batch.get("target_image")), to_device(batch.get("target_label")))
 
 
 GENERATOR_PASSES = {
@@ -79,8 +84,9 @@ GENERATOR_PASSES = {
     "seg_s": ("logits_s",),
     "seg_s2t": ("logits_s2t",),
     "adv_sec": ("logits_t", "logits_t2s"),
+    "seg_t": ("logits_t",),
 }
-"""The forward passes each term of Eq. (12) reads in the generator step, in the order they run."""
+"""The forward passes each term of Eq. (12) (and L_seg^t) reads in the generator step, in the order they run."""
 
 DISCRIMINATOR_PASSES = {
     "gen_t": ("x_s2t",),
@@ -90,9 +96,9 @@ DISCRIMINATOR_PASSES = {
 """The forward passes the discriminator step reads (Eq. (1), (2), (9), (10)) for each term that is on."""
 
 
-TARGET_TERMS = frozenset({"gen_t", "gen_s", "adv_sec"})
-"""The terms of Eq. (12) that read x_t: L_gen^t (Eq. (5), its reconstruction Eq. (3)), L_gen^s (Eq. (6), its
-translation Eq. (2)) and L_adv^sec (Eq. (9)-(11))."""
+TARGET_TERMS = frozenset({"gen_t", "gen_s", "adv_sec", SELF_TRAINING_TERM})
+"""The terms that read x_t: L_gen^t (Eq. (5), its reconstruction Eq. (3)), L_gen^s (Eq. (6), its
+translation Eq. (2)), L_adv^sec (Eq. (9)-(11)) and self-training's L_seg^t."""
 
 
 def reads_target_images(terms: Iterable[str]) -> bool:
@@ -104,7 +110,7 @@ def reads_target_images(terms: Iterable[str]) -> bool:
 def planned_passes(terms: Iterable[str]) -> tuple[list[str], list[str]]:
     """(passes the generator step needs, passes only the discriminator step needs), each in running order,
     for the active ``terms``: an ablation that drops a term also skips the passes only that term needed."""
-    ordered = [term for term in TERMS if term in set(terms)]
+    ordered = [term for term in ALL_TERMS if term in set(terms)]
     generator = list(dict.fromkeys(p for term in ordered for p in GENERATOR_PASSES[term]))
     discriminator = [p for p in dict.fromkeys(p for term in ordered for p in DISCRIMINATOR_PASSES.get(term, ()))
                      if p not in generator]
@@ -363,9 +369,9 @@ class DSANTrainer(Trainer):
         prepare_batch: Callable = prepare_unpaired_batch,
         handlers: Sequence | None = None,
     ) -> None:
-        unknown = sorted(set(terms) - set(TERMS))
+        unknown = sorted(set(terms) - set(ALL_TERMS))
         if unknown or not terms:
-            raise ValueError(f"terms must be a non-empty subset of {TERMS}, got unknown {unknown}")
+            raise ValueError(f"terms must be a non-empty subset of {ALL_TERMS}, got unknown {unknown}")
         if source_warmup < 0:
             raise ValueError(f"source_warmup must be >= 0 iterations, got {source_warmup}")
         if nonfinite not in NONFINITE_POLICIES:
@@ -374,6 +380,7 @@ class DSANTrainer(Trainer):
             raise ValueError(f"running_stats must be one of {RUNNING_STATS}, got {running_stats!r}")
         if gan_mode not in losses.GAN_MODES:
             raise ValueError(f"gan_mode must be one of {losses.GAN_MODES}, got {gan_mode!r}")
+        self.terms = frozenset(terms)  # before the handlers attach: TranslationPreview reads it
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -401,7 +408,6 @@ class DSANTrainer(Trainer):
         self.segmentation_loss = segmentation_loss
         self.generator_optimizers = (optimizer_seg, optimizer_dec)
         self.discriminator_optimizers = (optimizer_d_image, optimizer_d_pred)
-        self.terms = frozenset(terms)
         self.source_warmup = source_warmup
         self.lambdas = {"rec": lambda_rec, "adv": lambda_adv, "gen": lambda_gen, "seg": lambda_seg,
                         "secadv": lambda_secadv}
@@ -476,8 +482,10 @@ class DSANTrainer(Trainer):
         for optimizer in optimizers:
             self.scaler.step(optimizer)
 
-    def generator_losses(self, f: DSANForward, y_s: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Eq. (1)-(12) on the generator side: the terms E, C_i, U_s and U_t minimise."""
+    def generator_losses(self, f: DSANForward, y_s: torch.Tensor,
+                         y_t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Eq. (1)-(12) on the generator side: the terms E, C_i, U_s and U_t minimise; with self-training's
+        L_seg^t on, plus lambda_seg L_seg^t against the target pseudo-labels ``y_t``."""
         lam, mode, out, terms = self.lambdas, self.gan_mode, {}, self.active_terms
         zero = torch.zeros((), device=f.x_s.device)
         if "gen_t" in terms:
@@ -502,6 +510,11 @@ class DSANTrainer(Trainer):
             *(out.get(f"loss_{term}", zero) for term in TERMS),
             lambda_gen=lam["gen"], lambda_seg=lam["seg"], lambda_secadv=lam["secadv"],
         )
+        if SELF_TRAINING_TERM in terms:
+            if y_t is None:
+                raise ValueError("L_seg^t (seg_t) needs pseudo-labelled target batches (configs/self_training.yaml)")
+            out["loss_seg_t"] = self.segmentation_loss(f.logits_t, y_t)
+            out["loss"] = out["loss"] + lam["seg"] * out["loss_seg_t"]
         return out
 
     def discriminator_losses(self, f: DSANForward) -> dict[str, torch.Tensor]:
@@ -521,7 +534,7 @@ class DSANTrainer(Trainer):
         return out
 
     def _iteration(self, engine: DSANTrainer, batchdata: dict[str, Any]) -> dict[str, torch.Tensor]:
-        x_s, y_s, x_t = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        x_s, y_s, x_t, y_t = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
         if self.channels_last:
             x_s, x_t = (None if x is None else x.contiguous(memory_format=torch.channels_last) for x in (x_s, x_t))
         for module in self.networks:
@@ -536,7 +549,7 @@ class DSANTrainer(Trainer):
         f.seal()
         with frozen(self.discriminators):
             with self._autocast():
-                g_losses = self.generator_losses(f, y_s)
+                g_losses = self.generator_losses(f, y_s, y_t)
             if self._finite(g_losses):
                 self._step(g_losses["loss"], self.generator_optimizers)
         with self._autocast():

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,23 +45,28 @@ def cli(bundle_root, dataset_dir, out, *extra: str) -> list[str]:
             *[item for k, v in TINY.items() for item in (f"--{k}", str(v).replace(" ", ""))], *extra]
 
 
-def test_kill_9_then_rerun_ends_in_the_state_of_an_uninterrupted_run(bundle_root, tiny_dataset, tmp_path) -> None:
-    data = tiny_dataset.parent
+def run_uninterrupted_and_killed(command: Callable[[Path], list[str]], tmp_path: Path,
+                                 cwd: Path) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """``command(out)`` run to its end into one folder, and into another killed with SIGKILL once its second
+    checkpoint exists, then rerun there: (uninterrupted folder, killed folder, the rerun's result)."""
     uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
-    subprocess.run(cli(bundle_root, data, uninterrupted), cwd=bundle_root, check=True, capture_output=True,
-                   timeout=600)
-    process = subprocess.Popen(cli(bundle_root, data, killed), cwd=bundle_root, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    subprocess.run(command(uninterrupted), cwd=cwd, check=True, capture_output=True, timeout=600)
+    process = subprocess.Popen(command(killed), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoint_epoch=2.pt").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "checkpoint_epoch=4.pt").exists(), "the run finished before it could be killed"
-    resumed = subprocess.run(cli(bundle_root, data, killed), cwd=bundle_root, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(command(killed), cwd=cwd, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
+    return uninterrupted, killed, resumed
+
+
+def test_kill_9_then_rerun_ends_in_the_state_of_an_uninterrupted_run(bundle_root, tiny_dataset, tmp_path) -> None:
+    uninterrupted, killed, _ = run_uninterrupted_and_killed(
+        lambda out: cli(bundle_root, tiny_dataset.parent, out), tmp_path, bundle_root)
     assert_same_final_state(uninterrupted, killed, epoch=4, iterations=40)
 
 

@@ -1,0 +1,145 @@
+"""Pseudo-labels for self-training after DSAN (configs/self_training.yaml): a trained segmenter labels every
+slice of the target training volumes, and per class only its most confident pixels are kept, with
+class-balanced thresholds as in CBST (Zou et al., ECCV 2018): for each class c, the share ``share`` of the
+pixels predicted as c with the highest confidence (the softmax probability of c). A global threshold would keep
+the large, easy classes and drop the small ones; a per-class share keeps every predicted class. The pixels not
+kept are ``IGNORE_LABEL``, which the segmentation loss skips.
+
+The maps are written as NIfTI volumes in the preprocessed grid (reoriented to ``slice_axcodes``, resampled
+to ``pixel_spacing`` when set) with that grid's affine, so the training transforms read them onto the same
+voxels as their images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import nn
+
+from scripts.data import preprocessed_slices
+from scripts.losses import IGNORE_LABEL
+
+logger = logging.getLogger("dsan")
+
+MANIFEST = "pseudo_labels.json"
+
+
+def class_balanced_thresholds(confidence: torch.Tensor, predicted: torch.Tensor, num_classes: int,
+                              share: float) -> torch.Tensor:
+    """(num_classes,) thresholds: for class c, the confidence of the ceil(share * n_c)-th most confident of the
+    n_c pixels predicted as c, so that keeping ``confidence >= threshold[predicted]`` keeps that share of each
+    class (more only where confidences tie). +inf for a class no pixel is predicted as: it keeps nothing."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"the share of pixels kept per class must be in (0, 1], got {share}")
+    thresholds = torch.full((num_classes,), math.inf)
+    for c in range(num_classes):
+        scores = confidence[predicted == c]
+        if scores.numel():
+            keep = math.ceil(share * scores.numel())
+            thresholds[c] = torch.topk(scores.float(), keep, sorted=True).values[-1]
+    return thresholds
+
+
+def confident_labels(confidence: torch.Tensor, predicted: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """``predicted`` where its confidence reaches its class's threshold, ``IGNORE_LABEL`` elsewhere."""
+    kept = confidence >= thresholds.to(confidence.device)[predicted]
+    return torch.where(kept, predicted, torch.full_like(predicted, IGNORE_LABEL))
+
+
+@torch.no_grad()
+def slice_predictions(segmenter: nn.Module, slices: torch.Tensor, batch_size: int,
+                      device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, predicted class) of every pixel of (D, 1, H, W) ``slices``, each (D, H, W): the segmenter in
+    eval mode, as inference runs it (C_2 at image size, batch-norm running statistics), ``batch_size`` slices
+    at a time."""
+    was_training = segmenter.training
+    segmenter.eval()
+    try:
+        confidence, predicted = [], []
+        for batch in slices.split(batch_size):
+            probabilities = torch.softmax(segmenter(batch.to(device)).float(), dim=1)
+            top = probabilities.max(dim=1)
+            confidence.append(top.values.cpu())
+            predicted.append(top.indices.cpu())
+        return torch.cat(confidence), torch.cat(predicted)
+    finally:
+        segmenter.train(was_training)
+
+
+def pseudo_label_quality(pseudo: torch.Tensor, truth: torch.Tensor, class_names: Sequence[str]) -> dict:
+    """Per foreground class, how good the kept pixels are against the true labels: ``precision`` (of the pixels
+    kept as c, the share truly c), ``share_of_class`` (of the true c pixels, the share kept as c) and ``kept``
+    (pixels kept as c); None where there is nothing to divide by."""
+    quality = {}
+    for c, name in enumerate(class_names, start=1):
+        kept, true = pseudo == c, truth == c
+        hits = int((kept & true).sum())
+        quality[name] = {"kept": int(kept.sum()),
+                         "precision": hits / int(kept.sum()) if kept.any() else None,
+                         "share_of_class": hits / int(true.sum()) if true.any() else None}
+    return quality
+
+
+def _write_map(labels: torch.Tensor, affine: np.ndarray, path: Path) -> None:
+    """(D, H, W) labels as a (H, W, D) uint8 NIfTI volume, through a temporary file and a rename."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
+    nib.save(nib.Nifti1Image(labels.permute(1, 2, 0).numpy().astype(np.uint8), affine), temporary)
+    os.replace(temporary, path)
+
+
+def pseudo_label_split(segmenter: nn.Module, entries: Sequence[dict], transform: Callable, *, share: float,
+                       num_classes: int, class_names: Sequence[str], batch_size: int, device: torch.device | str,
+                       output_dir: str | os.PathLike, model: str | os.PathLike | None = None,
+                       true_labels: Iterable[dict] | None = None) -> list[dict]:
+    """Pseudo-label every volume of ``entries`` (target_train) with ``segmenter`` and return the entries with
+    their pseudo-label maps as ``label``, written into ``output_dir`` with a manifest (``pseudo_labels.json``:
+    the model, share, thresholds, pixels kept and, with ``true_labels`` (target_train_labels, same order), their
+    quality). A folder whose manifest names the same model and share is reused as it is: a resumed self-training
+    run trains on the maps it started with."""
+    output_dir = Path(output_dir)
+    manifest_file = output_dir / MANIFEST
+    asked = {"model": None if model is None else str(Path(model).resolve()), "share": share}
+    if manifest_file.is_file():
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        if {key: manifest.get(key) for key in asked} == asked:
+            logger.info("pseudo-labels: reusing %s (model %s, share %g)", output_dir, model, share)
+            return manifest["entries"]
+        raise SystemExit(f"ERROR: {output_dir} holds pseudo-labels of model {manifest.get('model')} with share "
+                         f"{manifest.get('share')}, not {asked['model']} with {share}: use another output_dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    volumes = []
+    for entry, item in zip(entries, preprocessed_slices(entries, transform)):
+        confidence, predicted = slice_predictions(segmenter, item["image"], batch_size, device)
+        volumes.append((entry, confidence, predicted, item["affine"]))
+    thresholds = class_balanced_thresholds(torch.cat([v[1].reshape(-1) for v in volumes]),
+                                           torch.cat([v[2].reshape(-1) for v in volumes]), num_classes, share)
+    labelled, kept = [], torch.zeros(num_classes, dtype=torch.long)
+    pseudo_maps = []
+    for entry, confidence, predicted, affine in volumes:
+        pseudo = confident_labels(confidence, predicted, thresholds)
+        path = output_dir / f"{Path(entry['image']).name.split('.')[0]}_pseudo.nii.gz"
+        _write_map(pseudo, affine, path)
+        labelled.append({**entry, "label": str(path)})
+        kept += torch.bincount(pseudo[pseudo != IGNORE_LABEL].reshape(-1), minlength=num_classes)
+        pseudo_maps.append(pseudo)
+    manifest = {**asked, "thresholds": [None if math.isinf(t) else t for t in thresholds.tolist()],
+                "kept_pixels": dict(zip(["background", *class_names], kept.tolist())), "entries": labelled}
+    if true_labels is not None:
+        truth = torch.cat([item["label"][:, 0].long().reshape(-1)
+                           for item in preprocessed_slices(true_labels, transform)])
+        manifest["quality"] = pseudo_label_quality(torch.cat([p.reshape(-1) for p in pseudo_maps]), truth,
+                                                   class_names)
+    temporary = manifest_file.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    os.replace(temporary, manifest_file)  # last: a folder without its manifest is relabelled from scratch
+    logger.info("pseudo-labels: %d volumes into %s, share %g per class, kept %s%s", len(labelled), output_dir, share,
+                manifest["kept_pixels"], f", quality {manifest['quality']}" if "quality" in manifest else "")
+    return labelled

@@ -1,0 +1,157 @@
+"""Self-training after DSAN: class-balanced pseudo-labels, a loss that ignores the unlabelled pixels, the
+self_training workflow, and its resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import run
+
+from scripts.losses import IGNORE_LABEL, SegmentationLoss
+from scripts.networks import Segmenter
+from scripts.pseudo_labels import class_balanced_thresholds, confident_labels, pseudo_label_quality
+from scripts.validation import InputError
+from tests.conftest import TINY
+from tests.test_resilience import assert_same_final_state, run_uninterrupted_and_killed
+
+CONFIGS = "['configs/train.yaml','configs/demo.yaml','configs/self_training.yaml']"
+
+
+def test_class_balanced_thresholds_keep_the_most_confident_share_of_each_class() -> None:
+    # class 0: ten pixels, class 1: four, class 2: none; confidences distinct within each class
+    predicted = torch.tensor([0] * 10 + [1] * 4)
+    confidence = torch.tensor([0.50, 0.91, 0.62, 0.99, 0.55, 0.73, 0.88, 0.51, 0.95, 0.60,
+                               0.40, 0.97, 0.45, 0.70])
+    thresholds = class_balanced_thresholds(confidence, predicted, num_classes=3, share=0.5)
+    assert thresholds[0] == pytest.approx(0.73) and thresholds[1] == pytest.approx(0.70)
+    assert thresholds[2] == float("inf")  # a class nothing is predicted as
+    kept = confident_labels(confidence, predicted, thresholds)
+    expected = torch.full_like(predicted, IGNORE_LABEL)
+    expected[[1, 3, 5, 6, 8]] = 0  # the five most confident of class 0
+    expected[[11, 13]] = 1  # ceil(0.5 * 4) = 2 of class 1
+    assert torch.equal(kept, expected)
+    # a share that is not a whole number of pixels rounds up; the whole share keeps every pixel
+    assert (confident_labels(confidence, predicted, class_balanced_thresholds(confidence, predicted, 3, 0.3))
+            == 1).sum() == 2
+    everything = confident_labels(confidence, predicted, class_balanced_thresholds(confidence, predicted, 3, 1.0))
+    assert torch.equal(everything, predicted)
+    with pytest.raises(ValueError, match="share"):
+        class_balanced_thresholds(confidence, predicted, 3, 0.0)
+
+
+def test_an_empty_class_keeps_nothing_and_its_quality_has_no_ratio() -> None:
+    predicted = torch.zeros(4, 5, 5, dtype=torch.long)  # every pixel predicted background
+    confidence = torch.rand(4, 5, 5)
+    kept = confident_labels(confidence, predicted, class_balanced_thresholds(confidence, predicted, 3, 0.5))
+    assert set(kept.unique().tolist()) == {0, IGNORE_LABEL}
+    truth = torch.zeros_like(predicted)
+    truth[0, :2] = 1
+    quality = pseudo_label_quality(kept, truth, ["A", "B"])
+    assert quality["A"] == {"kept": 0, "precision": None, "share_of_class": 0.0}
+    assert quality["B"] == {"kept": 0, "precision": None, "share_of_class": None}  # absent from the truth too
+
+
+def test_pseudo_label_quality_is_precision_and_share_of_the_true_class() -> None:
+    truth = torch.tensor([1, 1, 1, 1, 2, 2, 0, 0])
+    pseudo = torch.tensor([1, 1, IGNORE_LABEL, 2, 2, IGNORE_LABEL, 1, IGNORE_LABEL])
+    quality = pseudo_label_quality(pseudo, truth, ["A", "B"])
+    assert quality["A"] == {"kept": 3, "precision": pytest.approx(2 / 3), "share_of_class": pytest.approx(2 / 4)}
+    assert quality["B"] == {"kept": 2, "precision": pytest.approx(1 / 2), "share_of_class": pytest.approx(1 / 2)}
+
+
+@pytest.mark.parametrize("class_weights", ["inverse_frequency", None])
+def test_ignored_pixels_contribute_no_gradient(class_weights) -> None:
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (2, 8, 8))
+    ignored = torch.rand(2, 8, 8) < 0.4
+    labels[ignored] = IGNORE_LABEL
+    loss_fn = SegmentationLoss(3, class_weights=class_weights)
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)  # at label size: each pixel has its own logits
+    loss = loss_fn([logits], labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert logits.grad[ignored.unsqueeze(1).expand_as(logits)].abs().max() == 0
+    assert logits.grad[~ignored.unsqueeze(1).expand_as(logits)].abs().max() > 0
+    # whatever the network says at the ignored pixels, the loss is the same
+    changed = logits.detach().clone()
+    changed[ignored.unsqueeze(1).expand_as(changed)] = 10 * torch.randn(int(ignored.sum()) * 3)
+    assert float(loss_fn([changed], labels)) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_a_batch_with_every_pixel_ignored_gives_a_zero_loss_and_zero_gradients() -> None:
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    loss = SegmentationLoss(3)([logits, logits * 2], torch.full((2, 8, 8), IGNORE_LABEL))
+    loss.backward()
+    assert float(loss) == 0.0 and logits.grad.abs().max() == 0
+
+
+def tiny_overrides(tiny_dataset, out, init) -> dict:
+    return {"dataset_dir": str(tiny_dataset.parent), "output_dir": str(out), "init_ckpt": str(init),
+            "prepare_dataset": "$lambda: None", "max_iterations": 4, "val_interval": 2, "pseudo_label_share": 0.5,
+            **TINY}
+
+
+@pytest.fixture(scope="module")
+def init_model(tmp_path_factory):
+    """An untrained tiny segmenter as the model self-training starts from (no sidecar: nothing to contradict)."""
+    path = tmp_path_factory.mktemp("init") / "model.pt"
+    torch.manual_seed(0)
+    torch.save(Segmenter(1, 5, width=TINY["encoder_width"]).state_dict(), path)
+    return path
+
+
+def test_self_training_pseudo_labels_the_target_and_trains_on_it(bundle_root, tiny_dataset, tmp_path,
+                                                                 init_model) -> None:
+    out = tmp_path / "st"
+    run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
+        **tiny_overrides(tiny_dataset, out, init_model))
+    manifest = json.loads((out / "pseudo_labels" / "pseudo_labels.json").read_text(encoding="utf-8"))
+    assert manifest["model"] == str(init_model.resolve()) and manifest["share"] == 0.5
+    assert len(manifest["entries"]) == 3  # every target_train volume
+    for entry in manifest["entries"]:
+        pseudo = nib.load(entry["label"])
+        image = nib.load(entry["image"])
+        assert pseudo.shape == image.shape  # RAS phantom: the preprocessed grid is the image's own
+        np.testing.assert_allclose(pseudo.affine, image.affine, atol=1e-5)
+        values = set(np.unique(np.asarray(pseudo.dataobj)).tolist())
+        assert IGNORE_LABEL in values and values - {IGNORE_LABEL} <= set(range(5))
+    for name in ("AA", "LAC", "LVC", "MYO"):  # the phantom has target labels: the kept pixels are scored
+        q = manifest["quality"][name]
+        assert q["kept"] == manifest["kept_pixels"][name]
+        assert q["precision"] is None or 0.0 <= q["precision"] <= 1.0
+    assert (out / "model.pt").is_file() and (out / "model.json").is_file()
+    history = json.loads((out / "validation.json").read_text(encoding="utf-8"))
+    assert [h["iteration"] for h in history] == [2, 4]
+    assert not (out / "translations").exists()  # no translation trained, none previewed
+    # rerun into the same folder: the pseudo-labels are reused, not made again from another model
+    with pytest.raises(SystemExit, match="holds pseudo-labels of model"):
+        other = tmp_path / "other.pt"
+        torch.save(torch.load(init_model, weights_only=True), other)
+        run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
+            **{**tiny_overrides(tiny_dataset, out, other), "max_iterations": 6})
+
+
+def test_self_training_needs_a_model_to_start_from(bundle_root, tiny_dataset, tmp_path) -> None:
+    with pytest.raises(InputError, match="init_ckpt is not set"):
+        run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
+            **{**tiny_overrides(tiny_dataset, tmp_path / "st", "x"), "init_ckpt": None})
+
+
+def cli(dataset_dir, out, init) -> list[str]:
+    return [sys.executable, "-m", "monai.bundle", "run", "self_training", "--config_file", CONFIGS,
+            "--dataset_dir", str(dataset_dir), "--output_dir", str(out), "--init_ckpt", str(init),
+            "--prepare_dataset", "$lambda: None", "--max_iterations", "40", "--val_interval", "10",
+            *[item for k, v in TINY.items() for item in (f"--{k}", str(v).replace(" ", ""))]]
+
+
+def test_kill_9_then_rerun_ends_as_an_uninterrupted_self_training_run(bundle_root, tiny_dataset, tmp_path,
+                                                                     init_model) -> None:
+    uninterrupted, killed, resumed = run_uninterrupted_and_killed(
+        lambda out: cli(tiny_dataset.parent, out, init_model), tmp_path, bundle_root)
+    assert "reusing" in resumed.stdout + resumed.stderr  # the pseudo-labels it started with
+    assert_same_final_state(uninterrupted, killed, epoch=4, iterations=40)
