@@ -24,7 +24,9 @@ from scripts.recalibration import recalibrate
 from scripts.reporting import format_duration, read_history
 from scripts.setups import (
     BUNDLE_ROOT,
+    CONTINUED,
     DEFAULT_SETUPS,
+    DERIVED,
     GENERATED_DATA,
     PROFILES,
     RECALIBRATED,
@@ -35,10 +37,11 @@ from scripts.setups import (
 
 logger = logging.getLogger("dsan")
 
-def train_setup(setup: str, profile: str, out: Path, budget: dict) -> float:
-    """Train one setup into ``out`` (resuming if it holds checkpoints); return the wall time in seconds."""
+def train_setup(setup: str, profile: str, out: Path, budget: dict, workflow: str = "training") -> float:
+    """Run one setup's ``workflow`` into ``out`` (resuming if it holds checkpoints); return the wall time in
+    seconds."""
     start = time.perf_counter()
-    run("training", config_file=config_files(profile, setup), bundle_root=str(BUNDLE_ROOT), output_dir=str(out),
+    run(workflow, config_file=config_files(profile, setup), bundle_root=str(BUNDLE_ROOT), output_dir=str(out),
         ckpt_dir=str(out), logging_file=str(BUNDLE_ROOT / "configs" / "logging.conf"), **budget)
     return time.perf_counter() - start
 
@@ -213,16 +216,29 @@ def failure_line(row: dict) -> str:
 
 
 def study_setup(name: str, profile: str, out: Path, budget: dict, data_root: Path, datalist: Path,
-                class_names: Sequence[str], threads: int | None = None) -> list[dict]:
+                class_names: Sequence[str], threads: int | None = None, stage_minutes: float = 10.0) -> list[dict]:
     """Train one setup and evaluate its best model at every budget; with ``threads``, in this many torch threads
     and logging to ``<out>/train.log`` (a study running setups side by side). A setup whose results are already
     in ``<out>/study_rows.json`` (a study run before into the same folder) is not trained again. A setup that
     raises gives one ``failed_row`` (its traceback appended to ``<out>/train.log``), so the others still run.
-    A setup of ``RECALIBRATED`` trains nothing: it reads the models of the setup it names, beside ``out``."""
+    A setup of ``RECALIBRATED`` trains nothing: it reads the models of the setup it names, beside ``out``; one of
+    ``CONTINUED`` trains for ``stage_minutes`` from that setup's model at the rest of the budget."""
     try:
+        done = out / "study_rows.json"
+        if done.is_file():
+            logger.info("study: %s already trained and evaluated: reusing %s (delete %s to retrain)", name, done, out)
+            return json.loads(done.read_text(encoding="utf-8"))
+        if threads is not None:
+            in_own_threads_and_log(out, threads)
         if name in RECALIBRATED:
-            return recalibrated_and_evaluated(name, profile, out, budget, data_root, datalist, class_names)
-        return trained_and_evaluated(name, profile, out, budget, data_root, datalist, class_names, threads)
+            rows = recalibrated_and_evaluated(name, profile, out, budget, data_root, datalist, class_names)
+        elif name in CONTINUED:
+            rows = continued_and_evaluated(name, profile, out, budget, data_root, datalist, class_names,
+                                           stage_minutes)
+        else:
+            rows = trained_and_evaluated(name, profile, out, budget, data_root, datalist, class_names)
+        done.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+        return rows
     except (Exception, SystemExit) as error:  # guards end a run with SystemExit: a failed setup all the same
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "train.log", "a", encoding="utf-8") as log:
@@ -230,20 +246,19 @@ def study_setup(name: str, profile: str, out: Path, budget: dict, data_root: Pat
         return [failed_row(name, out, error)]
 
 
-def trained_and_evaluated(name: str, profile: str, out: Path, budget: dict, data_root: Path, datalist: Path,
-                          class_names: Sequence[str], threads: int | None) -> list[dict]:
-    done = out / "study_rows.json"
-    if done.is_file():
-        logger.info("study: %s already trained and evaluated: reusing %s (delete %s to retrain)", name, done, out)
-        return json.loads(done.read_text(encoding="utf-8"))
-    if threads is not None:
-        import torch
+def in_own_threads_and_log(out: Path, threads: int) -> None:
+    """This process (a study worker) in ``threads`` torch threads, its output appended to ``<out>/train.log``."""
+    import torch
 
-        torch.set_num_threads(threads)
-        out.mkdir(parents=True, exist_ok=True)
-        log = os.open(out / "train.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    log = os.open(out / "train.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+
+
+def trained_and_evaluated(name: str, profile: str, out: Path, budget: dict, data_root: Path, datalist: Path,
+                          class_names: Sequence[str]) -> list[dict]:
     wall = train_setup(name, profile, out, budget)
     history = read_history(out / "validation.json")
     rows = []
@@ -251,7 +266,6 @@ def trained_and_evaluated(name: str, profile: str, out: Path, budget: dict, data
     for label, (model, iterations) in models.items():
         summary = evaluate_setup(out, model, datalist, data_root)
         rows.append(study_row(name, label, iterations, wall, summary, class_names))
-    done.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return rows
 
 
@@ -260,9 +274,6 @@ def recalibrated_and_evaluated(name: str, profile: str, out: Path, budget: dict,
     """AdaBN at every budget: each best model of the setup ``RECALIBRATED[name]`` (trained beside ``out``) with
     its batch-norm statistics re-estimated on target_train, evaluated like a trained setup. Its iterations are
     the trained model's; its wall time the trained run's plus the re-estimation."""
-    done = out / "study_rows.json"
-    if done.is_file():
-        return json.loads(done.read_text(encoding="utf-8"))
     trained = out.parent / RECALIBRATED[name]
     trained_rows = json.loads((trained / "study_rows.json").read_text(encoding="utf-8"))
     if any("failed" in row for row in trained_rows):
@@ -278,17 +289,54 @@ def recalibrated_and_evaluated(name: str, profile: str, out: Path, budget: dict,
         seconds = time.perf_counter() - start
         summary = evaluate_setup(out, out / model.name, datalist, data_root)
         rows.append(study_row(name, label, iterations, wall[label] + seconds, summary, class_names))
-    done.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return rows
 
 
+def first_stage_mark(max_minutes: float | None, stage_minutes: float) -> float:
+    """The budget mark a continued setup starts from: the budget less its own stage."""
+    if max_minutes is None or not 0 < stage_minutes < max_minutes:
+        raise SystemExit(f"ERROR: self_training needs --max_minutes longer than --self_training_minutes "
+                         f"({stage_minutes:g}): the budget is wall clock, split between DSAN and self-training")
+    return max_minutes - stage_minutes
+
+
+def continued_and_evaluated(name: str, profile: str, out: Path, budget: dict, data_root: Path, datalist: Path,
+                            class_names: Sequence[str], stage_minutes: float) -> list[dict]:
+    """Self-training for the last ``stage_minutes`` of the budget, from the best model the setup
+    ``CONTINUED[name]`` (trained beside ``out``) had at the rest of it; one row at the whole budget, whose
+    iterations and wall time add both stages'."""
+    first = first_stage_mark(budget["max_minutes"], stage_minutes)
+    records = json.loads((out.parent / CONTINUED[name] / "budget_marks.json").read_text(encoding="utf-8"))
+    start = records[f"{first:g}"]
+    stage = {**budget, "max_minutes": stage_minutes, "budget_marks": [],
+             "init_ckpt": str(out.parent / CONTINUED[name] / start["model"])}
+    wall = train_setup(name, profile, out, stage, workflow="self_training")
+    history = read_history(out / "validation.json")
+    summary = evaluate_setup(out, out / "model.pt", datalist, data_root)
+    iterations = start["iteration"] + (history[-1]["iteration"] if history else 0)
+    return [study_row(name, f"{budget['max_minutes']:g} min", iterations, start["elapsed_s"] + wall, summary,
+                      class_names)]
+
+
+def continued_history(out: Path, first_out: Path, max_minutes: float, stage_minutes: float) -> list[dict]:
+    """A continued setup's validation records placed after the first stage's minutes and iterations, so its
+    curve continues the run it started from."""
+    records = json.loads((first_out / "budget_marks.json").read_text(encoding="utf-8")) \
+        if (first_out / "budget_marks.json").is_file() else {}
+    start = records.get(f"{max_minutes - stage_minutes:g}")
+    if start is None:
+        return []
+    return [{**h, "iteration": h["iteration"] + start["iteration"],
+             "elapsed_s": h.get("elapsed_s", 0.0) + start["elapsed_s"]} for h in read_history(out / "validation.json")]
+
+
 def with_trained_setups(setups: Sequence[str]) -> list[str]:
-    """``setups`` with, before each setup of ``RECALIBRATED`` whose trained setup is not among them, that one."""
+    """``setups`` with, before each setup of ``DERIVED`` whose starting setup is not among them, that one."""
     complete: list[str] = []
     for name in setups:
-        base = RECALIBRATED.get(name)
+        base = DERIVED.get(name)
         if base is not None and base not in setups and base not in complete:
-            logger.info("study: %s re-estimates the models of %s: training %s too", name, base, base)
+            logger.info("study: %s starts from the models of %s: training %s too", name, base, base)
             complete.append(base)
         complete.append(name)
     return complete
@@ -322,15 +370,16 @@ def study(
     setups: Sequence[str] = tuple(DEFAULT_SETUPS), profile: str = "demo", max_iterations: int = 600,
     val_interval: int = 100, max_minutes: float | None = None, budget_marks: Sequence[float] = (),
     jobs: int = 1, output_dir: str | os.PathLike = "runs/study", dataset_dir: str | None = None,
-    datalist: str | None = None, **overrides: object,
+    datalist: str | None = None, self_training_minutes: float = 10.0, **overrides: object,
 ) -> str:
     """Train every setup with the same budget (iterations, and optionally minutes of wall clock), evaluate each
     on the target test volumes (its best model on target_val), return the table of Dice (%) and ASD (voxel),
     and write it to ``table.md``, ``results.json`` and ``validation_dice.png`` into
     ``output_dir``. ``budget_marks`` (minutes) also evaluate the best model each run had at those shorter
     budgets. ``jobs`` > 1 trains that many setups side by side, each in cpu_count / jobs torch threads and
-    logging to ``<output_dir>/<setup>/train.log``. Further ``--id value`` pairs override config ids of every
-    setup (e.g. ``--seed 1``)."""
+    logging to ``<output_dir>/<setup>/train.log``. ``self_training`` spends the last ``self_training_minutes`` of
+    ``max_minutes`` self-training from the best DSAN (``full``) model at the rest of the budget (a mark added to
+    ``budget_marks``). Further ``--id value`` pairs override config ids of every setup (e.g. ``--seed 1``)."""
     if isinstance(setups, str):  # fire passes "a,b" (or a single name) as one string
         setups = [name.strip() for name in setups.strip("[]").split(",") if name.strip()]
     unknown = sorted(set(setups) - set(SETUPS))
@@ -347,6 +396,8 @@ def study(
     marks = [float(m) for m in ([budget_marks] if isinstance(budget_marks, (int, float)) else budget_marks)]
     if marks and (max_minutes is None or max(marks) >= max_minutes):
         raise SystemExit("ERROR: budget_marks must be shorter than max_minutes")
+    if CONTINUED.keys() & set(setups):
+        marks = sorted({*marks, first_stage_mark(max_minutes, self_training_minutes)})
     out_root = Path(output_dir).resolve()
     budget = {"max_iterations": max_iterations, "val_interval": val_interval, "max_minutes": max_minutes,
               "budget_marks": marks}
@@ -361,21 +412,23 @@ def study(
                          "the options: python -m scripts study -- --help")
     common = {"profile": profile, "budget": budget, "data_root": Path(parser.get_parsed_content("dataset_dir")),
               "datalist": Path(parser.get_parsed_content("datalist")),
-              "class_names": parser.get_parsed_content("class_names")}
-    trained = [name for name in setups if name not in RECALIBRATED]
-    per_setup = (train_in_turn(trained, out_root, common) if jobs == 1
-                 else train_side_by_side(trained, jobs, out_root, common))
-    for name in setups:
-        if name in RECALIBRATED:  # after the setup whose models it re-estimates
-            logger.info("study: %s: the models of %s re-estimated on target_train", name, RECALIBRATED[name])
-            per_setup[name] = study_setup(name, out=out_root / name, **common)
-            logger.info("study: %s %s", name, outcome(per_setup[name]))
+              "class_names": parser.get_parsed_content("class_names"), "stage_minutes": self_training_minutes}
+    trained = [name for name in setups if name not in DERIVED]
+    derived = [name for name in setups if name in DERIVED]  # once the setups whose models they start from are done
+    per_setup = {}
+    for phase in (trained, derived):
+        if phase:
+            per_setup.update(train_in_turn(phase, out_root, common) if jobs == 1
+                             else train_side_by_side(phase, jobs, out_root, common))
     rows = [row for name in setups for row in per_setup[name]]
     gap_closure(rows)
     table = study_table(rows, common["class_names"])
     (out_root / "table.md").write_text(table + "\n", encoding="utf-8")
     (out_root / "results.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
     histories = {name: read_history(out_root / name / "validation.json") for name in trained}
+    histories.update({name: continued_history(out_root / name, out_root / CONTINUED[name], max_minutes,
+                                              self_training_minutes)
+                      for name in derived if name in CONTINUED})
     budget_text = f"{max_minutes:g} min" if max_minutes is not None else f"{max_iterations} iterations"
     plot_validation_curves(histories, out_root / "validation_dice.png",
                            f"target validation Dice, profile {profile}, {budget_text}")

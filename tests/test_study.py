@@ -13,7 +13,8 @@ from monai.utils import set_determinism
 
 from scripts.evaluation import summarise
 from scripts.metrics import METRIC_NAMES
-from scripts.setups import SETUPS, config_files
+from scripts.networks import Segmenter
+from scripts.setups import CONTINUED, SETUPS, config_files
 from scripts.study import gap_closure, study, study_row, study_table, with_trained_setups
 from scripts.translation_check import translation_check
 from tests.conftest import TINY
@@ -22,16 +23,20 @@ from tests.conftest import TINY
 @pytest.mark.parametrize("setup", sorted(SETUPS))
 def test_every_setup_is_a_small_override_that_instantiates(bundle_root, tiny_dataset, tmp_path, setup) -> None:
     override = SETUPS[setup][0]
-    if override is not None:
-        assert len((bundle_root / override).read_text(encoding="utf-8").splitlines()) <= 12  # a few lines, never a copy
+    if override is not None:  # a few lines, never a copy; a stage of its own (self-training) a few more
+        assert len((bundle_root / override).read_text(encoding="utf-8").splitlines()) <= (
+            25 if setup in CONTINUED else 12)
     parser = ConfigParser()
     parser.read_config(config_files("demo", setup))
     parser.update({"bundle_root": str(bundle_root), "dataset_dir": str(tiny_dataset.parent),
                    "output_dir": str(tmp_path), "device": "$torch.device('cpu')", **TINY})
+    if setup in CONTINUED:  # it starts from a trained model
+        torch.save(Segmenter(1, 5, width=TINY["encoder_width"]).state_dict(), tmp_path / "init.pt")
+        parser["init_ckpt"] = str(tmp_path / "init.pt")
     if setup == "pretrained_encoder":
         pytest.skip("needs a local ResNet-50 weight file; loading is tested in test_networks.py")
     trainer = parser.get_parsed_content("train#trainer")
-    terms = {"source_only": {"seg_s"}, "supervised": {"seg_s"}, "adabn": {"seg_s"},
+    terms = {"source_only": {"seg_s"}, "supervised": {"seg_s"}, "adabn": {"seg_s"}, "self_training": {"seg_s", "seg_t"},
              "ablation_gen_t": {"gen_t", "seg_s2t"},
              "ablation_gen_ts": {"gen_t", "seg_s2t", "gen_s"},
              "ablation_gen_ts_seg": {"gen_t", "seg_s2t", "gen_s", "seg_s"}}
@@ -97,6 +102,26 @@ def assert_adabn_reestimates_the_source_only_models(study_dir, rows) -> None:
         assert settings == {**json.loads((study_dir / "source_only" / f"{model}.json").read_text(encoding="utf-8")),
                             "batch_norm_statistics_of": "target_train"}
     assert not (study_dir / "adabn" / "validation.json").exists()  # it trains nothing
+
+
+def test_self_training_goes_on_from_the_dsan_model_of_the_budget_less_its_stage(tiny_dataset, tmp_path) -> None:
+    # a stage of all but 0.06 s of the budget: the DSAN run's first validation is past its mark
+    table = study(setups=["self_training"], profile="demo", max_iterations=2, val_interval=1, max_minutes=60,
+                  self_training_minutes=59.999, output_dir=tmp_path / "study", dataset_dir=str(tiny_dataset.parent),
+                  prepare_dataset="$lambda: None", **TINY)
+    rows = json.loads((tmp_path / "study" / "results.json").read_text(encoding="utf-8"))
+    assert [(r["setup"], r["budget"]) for r in rows] == [("full", "0.001 min"), ("full", "60 min"),
+                                                         ("self_training", "60 min")]
+    assert "self-training" in table.splitlines()[-1]
+    mark = json.loads((tmp_path / "study" / "full" / "budget_marks.json").read_text(encoding="utf-8"))["0.001"]
+    manifest = json.loads((tmp_path / "study" / "self_training" / "pseudo_labels" / "pseudo_labels.json")
+                          .read_text(encoding="utf-8"))
+    assert manifest["model"] == str((tmp_path / "study" / "full" / mark["model"]).resolve())
+    assert rows[2]["iterations"] == mark["iteration"] + 2  # both stages' iterations
+    assert rows[2]["wall_s"] > mark["elapsed_s"] and 0.0 <= rows[2]["dice"]["average"] <= 100.0
+    with pytest.raises(SystemExit, match="longer than --self_training_minutes"):
+        study(setups=["self_training"], profile="demo", max_minutes=10, self_training_minutes=10,
+              output_dir=tmp_path / "refused")
 
 
 def test_a_recalibrated_setup_brings_the_setup_it_reads() -> None:
