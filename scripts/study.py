@@ -330,6 +330,16 @@ def continued_history(out: Path, first_out: Path, max_minutes: float, stage_minu
              "elapsed_s": h.get("elapsed_s", 0.0) + start["elapsed_s"]} for h in read_history(out / "validation.json")]
 
 
+def check_overrides(profile: str, setups: Sequence[str], overrides: dict) -> None:
+    """Stop with an ERROR on an override that is no config id of any of ``setups`` (train.yaml, the profile's
+    and the setup's files): a misspelt option, or --help after the command, must not start hours of training."""
+    declared = [bundle_config(profile, name) for name in {"full", *setups}]
+    unknown_ids = sorted(key for key in overrides if not any(key in config for config in declared))
+    if unknown_ids:
+        raise SystemExit(f"ERROR: {unknown_ids} are neither options of study nor config ids of configs/train.yaml "
+                         "or of the setups' override files; the options: python -m scripts study -- --help")
+
+
 def with_trained_setups(setups: Sequence[str]) -> list[str]:
     """``setups`` with, before each setup of ``DERIVED`` whose starting setup is not among them, that one."""
     complete: list[str] = []
@@ -405,11 +415,7 @@ def study(
     budget.update(data)
     budget.update(overrides)
     parser = bundle_config(profile, "full", **data, **overrides)  # class names as the setups' models record them
-    declared = bundle_config(profile, "full")
-    unknown_ids = sorted(key for key in overrides if key not in declared)
-    if unknown_ids:  # a misspelt option, or --help after the command, must not start hours of training
-        raise SystemExit(f"ERROR: {unknown_ids} are neither options of study nor config ids of configs/train.yaml; "
-                         "the options: python -m scripts study -- --help")
+    check_overrides(profile, setups, overrides)
     common = {"profile": profile, "budget": budget, "data_root": Path(parser.get_parsed_content("dataset_dir")),
               "datalist": Path(parser.get_parsed_content("datalist")),
               "class_names": parser.get_parsed_content("class_names"), "stage_minutes": self_training_minutes}

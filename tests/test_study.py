@@ -15,7 +15,7 @@ from scripts.evaluation import summarise
 from scripts.metrics import METRIC_NAMES
 from scripts.networks import Segmenter
 from scripts.setups import CONTINUED, SETUPS, config_files
-from scripts.study import gap_closure, study, study_row, study_table, with_trained_setups
+from scripts.study import check_overrides, gap_closure, study, study_row, study_table, with_trained_setups
 from scripts.translation_check import translation_check
 from tests.conftest import TINY
 
@@ -245,3 +245,9 @@ def test_an_unknown_option_stops_before_any_training(tmp_path, option) -> None:
     with pytest.raises(SystemExit, match=rf"\['{option}'\] are neither options of study nor config ids"):
         study(setups="full", output_dir=str(tmp_path / "study"), **{option: True})
     assert not (tmp_path / "study").exists()
+
+
+def test_an_id_of_a_setups_own_file_is_an_option_of_that_setup_only() -> None:
+    check_overrides("demo", ["full", "self_training"], {"pseudo_label_share": 0.2, "seed": 1})
+    with pytest.raises(SystemExit, match=r"\['pseudo_label_share'\] are neither"):
+        check_overrides("demo", ["full", "source_only"], {"pseudo_label_share": 0.2})
