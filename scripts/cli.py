@@ -10,6 +10,7 @@ from scripts import benchmark
 from scripts.prepare import PrepareCommand
 from scripts.recalibration import recalibrate
 from scripts.selection_study import selection_study
+from scripts.self_training import train_in_rounds
 from scripts.study import study
 from scripts.translation_check import translation_check
 
@@ -37,5 +38,5 @@ class BenchmarkCommand:
 
 def main() -> None:
     fire.Fire({"benchmark": BenchmarkCommand(), "prepare": PrepareCommand(), "recalibrate": recalibrate,
-               "selection_study": selection_study, "study": study,
+               "selection_study": selection_study, "self_training_rounds": train_in_rounds, "study": study,
                "translation_check": translation_check})

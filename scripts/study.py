@@ -22,6 +22,7 @@ from monai.bundle import run
 
 from scripts.recalibration import recalibrate
 from scripts.reporting import format_duration, read_history
+from scripts.self_training import ROUNDS_RECORD, train_in_rounds
 from scripts.setups import (
     BUNDLE_ROOT,
     CONTINUED,
@@ -37,11 +38,10 @@ from scripts.setups import (
 
 logger = logging.getLogger("dsan")
 
-def train_setup(setup: str, profile: str, out: Path, budget: dict, workflow: str = "training") -> float:
-    """Run one setup's ``workflow`` into ``out`` (resuming if it holds checkpoints); return the wall time in
-    seconds."""
+def train_setup(setup: str, profile: str, out: Path, budget: dict) -> float:
+    """Train one setup into ``out`` (resuming if it holds checkpoints); return the wall time in seconds."""
     start = time.perf_counter()
-    run(workflow, config_file=config_files(profile, setup), bundle_root=str(BUNDLE_ROOT), output_dir=str(out),
+    run("training", config_file=config_files(profile, setup), bundle_root=str(BUNDLE_ROOT), output_dir=str(out),
         ckpt_dir=str(out), logging_file=str(BUNDLE_ROOT / "configs" / "logging.conf"), **budget)
     return time.perf_counter() - start
 
@@ -216,13 +216,15 @@ def failure_line(row: dict) -> str:
 
 
 def study_setup(name: str, profile: str, out: Path, budget: dict, data_root: Path, datalist: Path,
-                class_names: Sequence[str], threads: int | None = None, stage_minutes: float = 10.0) -> list[dict]:
+                class_names: Sequence[str], threads: int | None = None, stage_minutes: float = 10.0,
+                stage_rounds: int = 1) -> list[dict]:
     """Train one setup and evaluate its best model at every budget; with ``threads``, in this many torch threads
     and logging to ``<out>/train.log`` (a study running setups side by side). A setup whose results are already
     in ``<out>/study_rows.json`` (a study run before into the same folder) is not trained again. A setup that
     raises gives one ``failed_row`` (its traceback appended to ``<out>/train.log``), so the others still run.
     A setup of ``RECALIBRATED`` trains nothing: it reads the models of the setup it names, beside ``out``; one of
-    ``CONTINUED`` trains for ``stage_minutes`` from that setup's model at the rest of the budget."""
+    ``CONTINUED`` trains for ``stage_minutes`` (in ``stage_rounds`` re-labelling rounds) from that setup's model at
+    the rest of the budget."""
     try:
         done = out / "study_rows.json"
         if done.is_file():
@@ -234,7 +236,7 @@ def study_setup(name: str, profile: str, out: Path, budget: dict, data_root: Pat
             rows = recalibrated_and_evaluated(name, profile, out, budget, data_root, datalist, class_names)
         elif name in CONTINUED:
             rows = continued_and_evaluated(name, profile, out, budget, data_root, datalist, class_names,
-                                           stage_minutes)
+                                           stage_minutes, stage_rounds)
         else:
             rows = trained_and_evaluated(name, profile, out, budget, data_root, datalist, class_names)
         done.write_text(json.dumps(rows, indent=1), encoding="utf-8")
@@ -301,33 +303,40 @@ def first_stage_mark(max_minutes: float | None, stage_minutes: float) -> float:
 
 
 def continued_and_evaluated(name: str, profile: str, out: Path, budget: dict, data_root: Path, datalist: Path,
-                            class_names: Sequence[str], stage_minutes: float) -> list[dict]:
-    """Self-training for the last ``stage_minutes`` of the budget, from the best model the setup
-    ``CONTINUED[name]`` (trained beside ``out``) had at the rest of it; one row at the whole budget, whose
-    iterations and wall time add both stages'."""
+                            class_names: Sequence[str], stage_minutes: float, stage_rounds: int = 1) -> list[dict]:
+    """Self-training for the last ``stage_minutes`` of the budget, in ``stage_rounds`` re-labelling rounds of
+    equal minutes (``scripts.self_training``), from the best model the setup ``CONTINUED[name]`` (trained beside
+    ``out``) had at the rest of it; one row at the whole budget, whose iterations and wall time add both
+    stages'."""
     first = first_stage_mark(budget["max_minutes"], stage_minutes)
     records = json.loads((out.parent / CONTINUED[name] / "budget_marks.json").read_text(encoding="utf-8"))
     start = records[f"{first:g}"]
-    stage = {**budget, "max_minutes": stage_minutes, "budget_marks": [],
-             "init_ckpt": str(out.parent / CONTINUED[name] / start["model"])}
-    wall = train_setup(name, profile, out, stage, workflow="self_training")
-    history = read_history(out / "validation.json")
+    stage = {**budget, "max_minutes": stage_minutes / stage_rounds, "budget_marks": []}
+    began = time.perf_counter()
+    rounds = train_in_rounds(config_files(profile, name), str(out.parent / CONTINUED[name] / start["model"]),
+                                  str(out), stage_rounds, bundle_root=str(BUNDLE_ROOT),
+                                  logging_file=str(BUNDLE_ROOT / "configs" / "logging.conf"), **stage)
+    wall = time.perf_counter() - began
     summary = evaluate_setup(out, out / "model.pt", datalist, data_root)
-    iterations = start["iteration"] + (history[-1]["iteration"] if history else 0)
+    iterations = start["iteration"] + sum(r["iterations"] for r in rounds)
     return [study_row(name, f"{budget['max_minutes']:g} min", iterations, start["elapsed_s"] + wall, summary,
                       class_names)]
 
 
 def continued_history(out: Path, first_out: Path, max_minutes: float, stage_minutes: float) -> list[dict]:
-    """A continued setup's validation records placed after the first stage's minutes and iterations, so its
-    curve continues the run it started from."""
+    """A continued setup's validation records, round after round, placed after the first stage's minutes and
+    iterations, so its curve continues the run it started from."""
     records = json.loads((first_out / "budget_marks.json").read_text(encoding="utf-8")) \
         if (first_out / "budget_marks.json").is_file() else {}
     start = records.get(f"{max_minutes - stage_minutes:g}")
-    if start is None:
+    if start is None or not (out / ROUNDS_RECORD).is_file():
         return []
-    return [{**h, "iteration": h["iteration"] + start["iteration"],
-             "elapsed_s": h.get("elapsed_s", 0.0) + start["elapsed_s"]} for h in read_history(out / "validation.json")]
+    iteration, elapsed, history = start["iteration"], start["elapsed_s"], []
+    for record in json.loads((out / ROUNDS_RECORD).read_text(encoding="utf-8")):
+        history += [{**h, "iteration": h["iteration"] + iteration, "elapsed_s": h.get("elapsed_s", 0.0) + elapsed}
+                    for h in read_history(Path(record["model"]).parent / "validation.json")]
+        iteration, elapsed = iteration + record["iterations"], elapsed + record["wall_s"]
+    return history
 
 
 def check_overrides(profile: str, setups: Sequence[str], overrides: dict) -> None:
@@ -380,7 +389,8 @@ def study(
     setups: Sequence[str] = tuple(DEFAULT_SETUPS), profile: str = "demo", max_iterations: int = 600,
     val_interval: int = 100, max_minutes: float | None = None, budget_marks: Sequence[float] = (),
     jobs: int = 1, output_dir: str | os.PathLike = "runs/study", dataset_dir: str | None = None,
-    datalist: str | None = None, self_training_minutes: float = 10.0, **overrides: object,
+    datalist: str | None = None, self_training_minutes: float = 10.0, self_training_rounds: int = 1,
+    **overrides: object,
 ) -> str:
     """Train every setup with the same budget (iterations, and optionally minutes of wall clock), evaluate each
     on the target test volumes (its best model on target_val), return the table of Dice (%) and ASD (voxel),
@@ -389,7 +399,8 @@ def study(
     budgets. ``jobs`` > 1 trains that many setups side by side, each in cpu_count / jobs torch threads and
     logging to ``<output_dir>/<setup>/train.log``. ``self_training`` spends the last ``self_training_minutes`` of
     ``max_minutes`` self-training from the best DSAN (``full``) model at the rest of the budget (a mark added to
-    ``budget_marks``). Further ``--id value`` pairs override config ids of every setup (e.g. ``--seed 1``)."""
+    ``budget_marks``), in ``self_training_rounds`` re-labelling rounds. Further ``--id value`` pairs override
+    config ids of every setup (e.g. ``--seed 1``)."""
     if isinstance(setups, str):  # fire passes "a,b" (or a single name) as one string
         setups = [name.strip() for name in setups.strip("[]").split(",") if name.strip()]
     unknown = sorted(set(setups) - set(SETUPS))
@@ -418,7 +429,8 @@ def study(
     check_overrides(profile, setups, overrides)
     common = {"profile": profile, "budget": budget, "data_root": Path(parser.get_parsed_content("dataset_dir")),
               "datalist": Path(parser.get_parsed_content("datalist")),
-              "class_names": parser.get_parsed_content("class_names"), "stage_minutes": self_training_minutes}
+              "class_names": parser.get_parsed_content("class_names"), "stage_minutes": self_training_minutes,
+              "stage_rounds": self_training_rounds}
     trained = [name for name in setups if name not in DERIVED]
     derived = [name for name in setups if name in DERIVED]  # once the setups whose models they start from are done
     per_setup = {}

@@ -15,6 +15,7 @@ from monai.bundle import run
 from scripts.losses import IGNORE_LABEL, SegmentationLoss
 from scripts.networks import Segmenter
 from scripts.pseudo_labels import class_balanced_thresholds, confident_labels, pseudo_label_quality
+from scripts.self_training import train_in_rounds
 from scripts.validation import InputError
 from tests.conftest import TINY
 from tests.test_resilience import assert_same_final_state, run_uninterrupted_and_killed
@@ -140,6 +141,49 @@ def test_self_training_needs_a_model_to_start_from(bundle_root, tiny_dataset, tm
     with pytest.raises(InputError, match="init_ckpt is not set"):
         run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
             **{**tiny_overrides(tiny_dataset, tmp_path / "st", "x"), "init_ckpt": None})
+
+
+def scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_rounds_relabel_with_the_model_of_the_round_before_and_a_rerun_skips_finished_rounds(
+        bundle_root, tiny_dataset, tmp_path, init_model) -> None:
+    out = tmp_path / "rounds"
+    overrides = {**tiny_overrides(tiny_dataset, out, init_model), "bundle_root": str(bundle_root),
+                 "logging_file": False}
+    del overrides["output_dir"], overrides["init_ckpt"]
+    records = train_in_rounds(eval(CONFIGS), str(init_model), str(out), rounds=2, **overrides)
+    assert [r["init_ckpt"] for r in records] == [str(init_model.resolve()), str(out / "round_1" / "model.pt")]
+    for r, record in enumerate(records, start=1):
+        manifest = json.loads((out / f"round_{r}" / "pseudo_labels" / "pseudo_labels.json").read_text(encoding="utf-8"))
+        assert manifest["model"] == record["init_ckpt"] and record["quality"] == manifest["quality"]
+        assert record["iterations"] == 4
+    assert json.loads((out / "rounds.json").read_text(encoding="utf-8")) == records
+    assert (out / "model.pt").read_bytes() == (out / "round_2" / "model.pt").read_bytes()
+    assert (out / "model.json").read_text(encoding="utf-8") == (out / "round_2" / "model.json").read_text(
+        encoding="utf-8")
+    logged, scored = scalars(out), 0  # per round, per class: the kept pixels and, with target labels, their quality
+    for name in ("AA", "LAC", "LVC", "MYO"):
+        assert [step for step, _ in logged[f"pseudo_labels/kept/{name}"]] == [1, 2]
+        assert [value for _, value in logged[f"pseudo_labels/kept/{name}"]] == [
+            record["kept_pixels"][name] for record in records]
+        for key in ("precision", "share_of_class"):
+            expected = [(r["round"], r["quality"][name][key]) for r in records if r["quality"][name][key] is not None]
+            got = logged.get(f"pseudo_labels/{key}/{name}", [])
+            assert [step for step, _ in got] == [step for step, _ in expected]
+            assert [value for _, value in got] == pytest.approx([value for _, value in expected])
+            scored += len(expected)
+    assert scored > 0
+    finished = (out / "round_2" / "model.pt").stat().st_mtime_ns
+    assert train_in_rounds(eval(CONFIGS), str(init_model), str(out), rounds=2, **overrides) == records
+    assert (out / "round_2" / "model.pt").stat().st_mtime_ns == finished  # nothing trained again
+    with pytest.raises(SystemExit, match="at least 1"):
+        train_in_rounds(eval(CONFIGS), str(init_model), str(tmp_path / "none"), rounds=0)
 
 
 def cli(dataset_dir, out, init) -> list[str]:

@@ -15,7 +15,15 @@ from scripts.evaluation import summarise
 from scripts.metrics import METRIC_NAMES
 from scripts.networks import Segmenter
 from scripts.setups import CONTINUED, SETUPS, config_files
-from scripts.study import check_overrides, gap_closure, study, study_row, study_table, with_trained_setups
+from scripts.study import (
+    check_overrides,
+    continued_history,
+    gap_closure,
+    study,
+    study_row,
+    study_table,
+    with_trained_setups,
+)
 from scripts.translation_check import translation_check
 from tests.conftest import TINY
 
@@ -107,18 +115,23 @@ def assert_adabn_reestimates_the_source_only_models(study_dir, rows) -> None:
 def test_self_training_goes_on_from_the_dsan_model_of_the_budget_less_its_stage(tiny_dataset, tmp_path) -> None:
     # a stage of all but 0.06 s of the budget: the DSAN run's first validation is past its mark
     table = study(setups=["self_training"], profile="demo", max_iterations=2, val_interval=1, max_minutes=60,
-                  self_training_minutes=59.999, output_dir=tmp_path / "study", dataset_dir=str(tiny_dataset.parent),
-                  prepare_dataset="$lambda: None", **TINY)
+                  self_training_minutes=59.999, self_training_rounds=2, output_dir=tmp_path / "study",
+                  dataset_dir=str(tiny_dataset.parent), prepare_dataset="$lambda: None", **TINY)
     rows = json.loads((tmp_path / "study" / "results.json").read_text(encoding="utf-8"))
     assert [(r["setup"], r["budget"]) for r in rows] == [("full", "0.001 min"), ("full", "60 min"),
                                                          ("self_training", "60 min")]
     assert "self-training" in table.splitlines()[-1]
+    stage = tmp_path / "study" / "self_training"
     mark = json.loads((tmp_path / "study" / "full" / "budget_marks.json").read_text(encoding="utf-8"))["0.001"]
-    manifest = json.loads((tmp_path / "study" / "self_training" / "pseudo_labels" / "pseudo_labels.json")
-                          .read_text(encoding="utf-8"))
-    assert manifest["model"] == str((tmp_path / "study" / "full" / mark["model"]).resolve())
-    assert rows[2]["iterations"] == mark["iteration"] + 2  # both stages' iterations
+    labelled_by = [json.loads((stage / f"round_{r}" / "pseudo_labels" / "pseudo_labels.json")
+                              .read_text(encoding="utf-8"))["model"] for r in (1, 2)]
+    # round 1 labels with DSAN's model at the mark, round 2 with round 1's best model
+    assert labelled_by == [str((tmp_path / "study" / "full" / mark["model"]).resolve()),
+                           str(stage / "round_1" / "model.pt")]
+    assert rows[2]["iterations"] == mark["iteration"] + 2 + 2  # both stages' iterations, both rounds
     assert rows[2]["wall_s"] > mark["elapsed_s"] and 0.0 <= rows[2]["dice"]["average"] <= 100.0
+    curve = continued_history(stage, tmp_path / "study" / "full", 60, 59.999)
+    assert [h["iteration"] for h in curve] == [mark["iteration"] + i for i in (1, 2, 3, 4)]
     with pytest.raises(SystemExit, match="longer than --self_training_minutes"):
         study(setups=["self_training"], profile="demo", max_minutes=10, self_training_minutes=10,
               output_dir=tmp_path / "refused")
