@@ -76,7 +76,7 @@ def copy_model(model: Path, destination: Path) -> None:
 
 
 def train_in_rounds(config_file: str | Sequence[str], init_ckpt: str, output_dir: str, rounds: int = 2,
-                         **overrides: object) -> list[dict]:
+                    **overrides: object) -> list[dict]:
     """Run ``rounds`` rounds of the self_training workflow of ``config_file``, each from the best model of the
     round before (the first from ``init_ckpt``), into ``<output_dir>/round_<r>``; return their records (also
     ``rounds.json``). ``overrides`` (config ids, e.g. ``max_minutes``) apply to every round."""
@@ -99,7 +99,9 @@ def train_in_rounds(config_file: str | Sequence[str], init_ckpt: str, output_dir
                 run("self_training", config_file=config_file, init_ckpt=str(model), output_dir=str(round_dir),
                     ckpt_dir=str(round_dir), **overrides)
                 record = round_record(round_dir, index, model, time.perf_counter() - start)
-                done.write_text(json.dumps(record, indent=1), encoding="utf-8")
+                temporary = done.with_name(f".{done.name}.{os.getpid()}.tmp")
+                temporary.write_text(json.dumps(record, indent=1), encoding="utf-8")
+                os.replace(temporary, done)  # a kill never leaves half a record that would skip the round
                 log_round_quality(writer, record)
             records.append(record)
             model = Path(record["model"])
