@@ -7,7 +7,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,46 @@ def initialised_from(network: nn.Module, model: str | os.PathLike | None) -> nn.
     check_state_dict_fits(network, state, f"init_ckpt {str(model)!r}")
     network.load_state_dict(state)
     return network
+
+
+def save_atomically(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """torch.save ``state`` to ``path`` through a temporary file and a rename: a kill mid-write leaves no
+    truncated file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(dict(state), temporary)
+    os.replace(temporary, path)
+
+
+TRANSLATING_TERMS = frozenset({"gen_t", "gen_s", "seg_s2t", "adv_sec"})
+"""The terms of Eq. (12) that read U_s, U_t or a discriminator: Eq. (5), (6), (8) and (11)."""
+
+
+def load_auxiliary_networks(path: str | os.PathLike | None, networks: Mapping[str, nn.Module],
+                            terms: Sequence[str]) -> None:
+    """Load a stage's ``networks`` (``DSANTrainer.auxiliary_networks``: U_s, U_t, the discriminators) from ``path``,
+    a budget mark's ``auxiliary_<m>min.pt`` or a training checkpoint (``checkpoint_epoch=N.pt``, whose entries
+    have the same names), each checked to fit. Without ``path`` the networks stay as built, which only a stage
+    whose ``terms`` read none of them may do: Eq. (8) on the x_s->t of an untrained U_t would teach the
+    segmenter noise."""
+    if path is None:
+        translating = sorted(TRANSLATING_TERMS & set(terms))
+        if translating:
+            raise InputError(f"terms {translating} read the decoders and discriminators of the DSAN run this stage "
+                             "goes on from: pass them as --init_auxiliary_ckpt (auxiliary_<m>min.pt of a budget "
+                             "mark, or the run's checkpoint_epoch=N.pt).")
+        return
+    if not Path(path).is_file():
+        raise InputError(f"init_auxiliary_ckpt {str(path)!r} does not exist: pass a budget mark's "
+                         "auxiliary_<m>min.pt or a training run's checkpoint_epoch=N.pt.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    absent = sorted(set(networks) - set(state))
+    if absent:
+        raise InputError(f"init_auxiliary_ckpt {str(path)!r} holds no {absent}: is it a DSAN training checkpoint?")
+    for name, module in networks.items():
+        check_state_dict_fits(module, state[name], f"init_auxiliary_ckpt {str(path)!r} [{name}]")
+        module.load_state_dict(state[name])
+    logger.info("loaded %s from %s", ", ".join(networks), path)
 
 
 def settings_file(model: str | os.PathLike) -> Path:

@@ -312,6 +312,8 @@ def continued_and_evaluated(name: str, profile: str, out: Path, budget: dict, da
     records = json.loads((out.parent / CONTINUED[name] / "budget_marks.json").read_text(encoding="utf-8"))
     start = records[f"{first:g}"]
     stage = {**budget, "max_minutes": stage_minutes / stage_rounds, "budget_marks": []}
+    if "auxiliary" in start:  # U and D at the mark, for stage terms that read them (a mark kept before: none)
+        stage.setdefault("init_auxiliary_ckpt", str(out.parent / CONTINUED[name] / start["auxiliary"]))
     began = time.perf_counter()
     rounds = train_in_rounds(config_files(profile, name), str(out.parent / CONTINUED[name] / start["model"]),
                                   str(out), stage_rounds, bundle_root=str(BUNDLE_ROOT),

@@ -36,7 +36,7 @@ from monai.engines import Trainer, Workflow
 from torch import nn
 
 from scripts import losses
-from scripts.checkpoints import settings_file
+from scripts.checkpoints import save_atomically, settings_file
 from scripts.distributed import average_gradients, broadcast_from_rank_zero, rank
 from scripts.metrics import intensity_distance
 from scripts.networks import Segmenter, frozen, has_batch_statistics, running_stats_kept
@@ -253,8 +253,10 @@ class WallClockBudget:
 
     ``marks`` (minutes, shorter than ``minutes``) give the shorter budgets of the same run: at the last
     validation that fits in each mark, the best model so far (``best_model``) is copied to ``model_<m>min.pt``
-    beside it and the iteration is recorded in ``budget_marks.json``. With a constant learning rate (the
-    paper's), the run up to a mark is the run a budget of that many minutes would have made."""
+    beside it, the trainer's other networks at that iteration go to ``auxiliary_<m>min.pt``
+    (``DSANTrainer.auxiliary_networks``, for a stage that continues from the mark) and the iteration is recorded
+    in ``budget_marks.json``. With a constant learning rate (the paper's), the run up to a mark is the run a
+    budget of that many minutes would have made."""
 
     def __init__(self, minutes: float | None = None, marks: Sequence[float] = (),
                  best_model: str | os.PathLike | None = None) -> None:
@@ -280,11 +282,11 @@ class WallClockBudget:
         elapsed, next_end = now - self._start, 2 * now - self._last_epoch_end - self._start
         self._last_epoch_end = now
         while self._pending and next_end > 60.0 * self._pending[0]:
-            self._keep_best_model(self._pending.pop(0), engine.state.iteration, elapsed)
+            self._keep_best_model(self._pending.pop(0), engine, elapsed)
         if self.minutes is not None and next_end > 60.0 * self.minutes:
             engine.terminate()
 
-    def _keep_best_model(self, mark: float, iteration: int, elapsed: float) -> None:
+    def _keep_best_model(self, mark: float, engine: Engine, elapsed: float) -> None:
         if rank() != 0:  # only rank 0 saves the best model
             return
         if not self.best_model.is_file():  # no validation has given a finite Dice yet
@@ -294,11 +296,15 @@ class WallClockBudget:
         shutil.copyfile(self.best_model, snapshot)
         if settings_file(self.best_model).is_file():  # the snapshot is as usable on its own as model.pt
             shutil.copyfile(settings_file(self.best_model), settings_file(snapshot))
+        auxiliary = snapshot.with_name(f"auxiliary_{mark:g}min.pt")
+        save_atomically({name: module.state_dict() for name, module in engine.auxiliary_networks.items()}, auxiliary)
         record_file = self.best_model.with_name("budget_marks.json")
         records = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
-        records[f"{mark:g}"] = {"model": snapshot.name, "iteration": iteration, "elapsed_s": round(elapsed, 1)}
+        records[f"{mark:g}"] = {"model": snapshot.name, "auxiliary": auxiliary.name,
+                                "iteration": engine.state.iteration, "elapsed_s": round(elapsed, 1)}
         record_file.write_text(json.dumps(records, indent=1), encoding="utf-8")
-        logger.info("budget mark %g min: best model so far kept as %s (iteration %d)", mark, snapshot, iteration)
+        logger.info("budget mark %g min: best model so far kept as %s, the other networks of iteration %d as %s",
+                    mark, snapshot, engine.state.iteration, auxiliary.name)
 
 
 def epochs_for(max_iterations: int, val_interval: int) -> int:
@@ -435,6 +441,20 @@ class DSANTrainer(Trainer):
     @property
     def networks(self) -> list[nn.Module]:
         return [self.segmenter, self.translation_encoder, self.decoder_s, self.decoder_t, *self.discriminators]
+
+    @property
+    def auxiliary_networks(self) -> dict[str, nn.Module]:
+        """What DSAN trains besides the segmenter (U_s, U_t, D_s, D_t, D_p, and the translation encoder where it
+        is not E itself), by their names in the training checkpoint: what a stage that goes on from this run
+        (self-training with Eq. (8) or the DSAN terms on) needs beside model.pt."""
+        named = {"decoder_s": self.decoder_s, "decoder_t": self.decoder_t,
+                 "image_discriminator_s": self.image_discriminator_s,
+                 "image_discriminator_t": self.image_discriminator_t,
+                 "prediction_discriminators": self.prediction_discriminators,
+                 "translated_prediction_discriminators": self.translated_prediction_discriminators}
+        if self.translation_encoder is not self.segmenter.encoder:
+            named["translation_encoder"] = self.translation_encoder
+        return named
 
     @property
     def active_terms(self) -> frozenset[str]:

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import run
+from monai.bundle import ConfigParser, run
 
 from scripts.losses import IGNORE_LABEL, SegmentationLoss
 from scripts.networks import Segmenter
@@ -141,6 +141,37 @@ def test_self_training_needs_a_model_to_start_from(bundle_root, tiny_dataset, tm
     with pytest.raises(InputError, match="init_ckpt is not set"):
         run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
             **{**tiny_overrides(tiny_dataset, tmp_path / "st", "x"), "init_ckpt": None})
+
+
+def test_stage_terms_that_translate_need_the_dsan_runs_decoders(bundle_root, tiny_dataset, tmp_path,
+                                                                 init_model) -> None:
+    with pytest.raises(InputError, match=r"terms \['seg_s2t'\] read the decoders"):
+        run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
+            **{**tiny_overrides(tiny_dataset, tmp_path / "st", init_model), "terms": ["seg_s", "seg_s2t", "seg_t"]})
+    with pytest.raises(InputError, match="does not exist"):
+        run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
+            **{**tiny_overrides(tiny_dataset, tmp_path / "st", init_model), "terms": ["seg_s", "seg_s2t", "seg_t"],
+               "init_auxiliary_ckpt": str(tmp_path / "missing.pt")})
+
+
+def test_eq_8_in_the_stage_reads_the_given_decoder_and_leaves_it_as_it_was(bundle_root, tiny_dataset, tmp_path,
+                                                                          init_model) -> None:
+    parser = ConfigParser()
+    parser.read_config(eval(CONFIGS))
+    parser.update({**tiny_overrides(tiny_dataset, tmp_path / "unused", init_model), "bundle_root": str(bundle_root)})
+    torch.manual_seed(1)
+    given = {name: {key: value + 0.5 for key, value in module.state_dict().items()}  # unlike a fresh build
+             for name, module in parser.get_parsed_content("train#trainer").auxiliary_networks.items()}
+    torch.save(given, tmp_path / "auxiliary_20min.pt")
+    out = tmp_path / "st"
+    run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
+        **{**tiny_overrides(tiny_dataset, out, init_model), "terms": ["seg_s", "seg_s2t", "seg_t"],
+           "init_auxiliary_ckpt": str(tmp_path / "auxiliary_20min.pt")})
+    final = torch.load(out / "checkpoint_epoch=2.pt", weights_only=True)
+    for key, value in given["decoder_t"].items():  # x_s->t is detached before E: Eq. (8) never moves U_t
+        assert torch.equal(final["decoder_t"][key], value), key
+    assert not torch.equal(final["segmenter"]["main_classifier.branches.0.weight"],
+                           torch.load(init_model, weights_only=True)["main_classifier.branches.0.weight"])
 
 
 def scalars(folder) -> dict[str, list[tuple[int, float]]]:

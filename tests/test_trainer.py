@@ -411,6 +411,16 @@ def test_wall_clock_budget_stops_at_the_last_validation_that_fits_and_keeps_mark
         best.with_suffix(".json").write_text(f"settings after iteration {engine.state.iteration}")
 
     engine = Engine(one_minute_iteration)
+    decoder = nn.Linear(2, 2)  # stands for DSANTrainer.auxiliary_networks
+    engine.auxiliary_networks = {"decoder_t": decoder}
+    weights_at = {}
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def step_the_decoder(engine: Engine) -> None:  # the networks move on after every validation
+        with torch.no_grad():
+            decoder.weight.add_(1.0)
+        weights_at[engine.state.iteration] = decoder.weight.detach().clone()
+
     WallClockBudget(minutes=3.5, marks=[2.0], best_model=best).attach(engine)
     engine.run(range(1), max_epochs=100)
     # epochs end at 1, 2, 3 minutes; a fourth would end at 4 > 3.5, so training stops after the third
@@ -419,7 +429,13 @@ def test_wall_clock_budget_stops_at_the_last_validation_that_fits_and_keeps_mark
     assert (tmp_path / "model_2min.pt").read_text() == "best after iteration 2"
     assert (tmp_path / "model_2min.json").read_text() == "settings after iteration 2"  # its model.json with it
     marks = json.loads((tmp_path / "budget_marks.json").read_text())
-    assert marks == {"2": {"model": "model_2min.pt", "iteration": 2, "elapsed_s": 120.0}}
+    assert marks == {"2": {"model": "model_2min.pt", "auxiliary": "auxiliary_2min.pt", "iteration": 2,
+                           "elapsed_s": 120.0}}
+    # the other networks as they were at that validation (iteration 2), not as training left them
+    kept = torch.load(tmp_path / "auxiliary_2min.pt", weights_only=True)
+    assert set(kept) == {"decoder_t"}
+    assert torch.equal(kept["decoder_t"]["weight"], weights_at[2])
+    assert not torch.equal(kept["decoder_t"]["weight"], decoder.weight)
 
 
 @pytest.mark.parametrize("max_minutes, eta", [(None, "ETA 16:38:00  loss"), (30, "ETA 28:00 (the 30 min budget)"),
