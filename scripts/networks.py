@@ -1,7 +1,7 @@
 """The networks of DSAN (Han et al., Sec. III-D), each usable on its own.
 
 Paper symbol -> class:
-    E          DeepLabResNet50Encoder  (DeepLab-v2 ResNet-50, output stride 8)
+    E          DeepLabResNet50Encoder  (DeepLab-v2 ResNet-50, output stride 8; 4 as an option)
     C_1, C_2   ASPPClassifier          (C_1 on layer3 features, C_2 on layer4 features)
     E + C_i    Segmenter               (the segmentation sub-network; what inference needs)
     U_s, U_t   TranslationDecoder      (private decoders rendering source / target style)
@@ -56,25 +56,34 @@ class Bottleneck(nn.Module):
         return self.relu(out + self.downsample(x))
 
 
-class DeepLabResNet50Encoder(nn.Module):
-    """E: DeepLab-v2 ResNet-50 (bottlenecks 3-4-6-3), layer3 dilated 2, layer4 dilated 4: output stride 8.
+OUTPUT_STRIDES = {8: ((1, 1), (2, 1), (1, 2), (1, 4)), 4: ((1, 1), (1, 2), (1, 4), (1, 8))}
+"""(stride, dilation) of layer1..layer4 for each output stride of E. 8 is DeepLab-v2's (the paper's); 4 keeps
+layer2 at the stem's resolution and dilates every later layer twice as much (the same receptive fields, twice the
+feature map's side, about three times E's work): finer maps for structures one or two feature cells thick."""
 
-    ``forward`` returns ``(layer3 features, layer4 features)``, both at 1/8 of the input size
+
+class DeepLabResNet50Encoder(nn.Module):
+    """E: DeepLab-v2 ResNet-50 (bottlenecks 3-4-6-3), layer3 dilated 2, layer4 dilated 4: output stride 8
+    (``output_stride`` 4: ``OUTPUT_STRIDES``).
+
+    ``forward`` returns ``(layer3 features, layer4 features)``, both at 1/``output_stride`` of the input size
     (rounded up), feeding C_1 and C_2 respectively; U_s and U_t read the layer4 features.
     ``width`` multiplies every channel count: 1.0 is the paper's network, smaller values make CPU profiles.
     """
 
-    def __init__(self, in_channels: int = 1, width: float = 1.0, blocks: Sequence[int] = (3, 4, 6, 3)) -> None:
+    def __init__(self, in_channels: int = 1, width: float = 1.0, blocks: Sequence[int] = (3, 4, 6, 3),
+                 output_stride: int = 8) -> None:
         super().__init__()
         stem = scaled(64, width)
         self.conv1 = nn.Conv2d(in_channels, stem, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {sorted(OUTPUT_STRIDES)}, got {output_stride}")
         planes = [scaled(p, width) for p in (64, 128, 256, 512)]
-        strides_dilations = ((1, 1), (2, 1), (1, 2), (1, 4))
         layers, in_ch = [], stem
-        for n_blocks, p, (stride, dilation) in zip(blocks, planes, strides_dilations):
+        for n_blocks, p, (stride, dilation) in zip(blocks, planes, OUTPUT_STRIDES[output_stride]):
             layer = [Bottleneck(in_ch, p, stride, dilation)]
             layer += [Bottleneck(p * EXPANSION, p, 1, dilation) for _ in range(n_blocks - 1)]
             layers.append(nn.Sequential(*layer))
@@ -157,9 +166,9 @@ class Segmenter(nn.Module):
     both levels' logits at feature resolution (training, Eq. (7)-(10)).
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 5, width: float = 1.0) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 5, width: float = 1.0, output_stride: int = 8) -> None:
         super().__init__()
-        self.encoder = DeepLabResNet50Encoder(in_channels, width)
+        self.encoder = DeepLabResNet50Encoder(in_channels, width, output_stride=output_stride)
         self.aux_classifier = ASPPClassifier(self.encoder.layer3_channels, num_classes)
         self.main_classifier = ASPPClassifier(self.encoder.layer4_channels, num_classes)
 
@@ -206,29 +215,32 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
-TRANSLATION_STRIDE = 8
-"""E's output stride, which U's three stride-2 transposed convolutions undo: U(E(x)) has x's size when its sides
-are multiples of this."""
+TRANSLATION_STRIDE = max(OUTPUT_STRIDES)
+"""The largest output stride of E, which U's stride-2 transposed convolutions undo: U(E(x)) has x's size when its
+sides are multiples of this, whichever output stride E has."""
 
 
 class TranslationDecoder(nn.Module):
-    """U_s / U_t: conv, 3 residual blocks, 3 stride-2 transposed convolutions, tanh.
+    """U_s / U_t: conv, 3 residual blocks, log2(``stride``) stride-2 transposed convolutions (3 at E's output
+    stride 8), tanh.
 
-    Reads E's layer4 features (stride 8) and renders a 1-channel image in [-1, 1] of exactly the
-    encoder input's size whenever that input's sides are multiples of 8.
+    Reads E's layer4 features (at 1/``stride``) and renders a 1-channel image in [-1, 1] of exactly the
+    encoder input's size whenever that input's sides are multiples of ``stride``.
     """
 
     def __init__(
         self, in_channels: int, out_channels: int = 1, channels: int = 256, num_res_blocks: int = 3,
-        norm: str = "instance",
+        norm: str = "instance", stride: int = 8,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, channels, 3, padding=1), make_norm(norm, channels), nn.ReLU(inplace=True)
         ]
         layers += [ResidualBlock(channels, norm) for _ in range(num_res_blocks)]
+        if stride not in OUTPUT_STRIDES:
+            raise ValueError(f"stride must be one of {sorted(OUTPUT_STRIDES)}, got {stride}")
         ch = channels
-        for _ in range(2):
+        for _ in range(stride.bit_length() - 2):  # all but the last of the log2(stride) upsamplings
             layers += [
                 nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1),
                 make_norm(norm, ch // 2),

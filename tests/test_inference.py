@@ -103,11 +103,22 @@ def test_inference_network_and_preprocessing_match_training(bundle_root) -> None
     assert infer_cfg["network_def"] == train_cfg["network_def"]
     infer_parser = ConfigParser(infer_cfg)
     infer_parser.update({"bundle_root": str(bundle_root)})
-    for key in ("num_classes", "encoder_width", "slice_axcodes", "pixel_spacing"):  # a model without model.json
+    for key in ("num_classes", "encoder_width", "output_stride", "slice_axcodes", "pixel_spacing"):  # no model.json
         assert infer_parser.get_parsed_content(key) == train_cfg[key], key
     train_steps = ConfigParser(train_cfg).get_parsed_content("preprocessing")
     infer_steps = infer_parser.get_parsed_content("preprocessing").transforms
     assert [type(t) for t in infer_steps] == [type(t) for t in train_steps]
+
+
+def test_a_model_of_output_stride_4_is_rebuilt_with_it(bundle_root, tmp_path) -> None:
+    # strides and dilations leave every weight's shape as it is: only model.json can tell the two networks apart
+    torch.save(Segmenter(1, 5, width=0.125, output_stride=4).state_dict(), tmp_path / "model.pt")
+    (tmp_path / "model.json").write_text(json.dumps({"encoder_width": 0.125, "output_stride": 4}), encoding="utf-8")
+    parser = ConfigParser(ConfigParser.load_config_file(str(bundle_root / "configs" / "inference.yaml")))
+    parser.update({"bundle_root": str(bundle_root), "ckpt_path": str(tmp_path / "model.pt"),
+                   "device": "$torch.device('cpu')"})
+    encoder = parser.get_parsed_content("network").encoder
+    assert encoder.layer2[0].conv2.stride == (1, 1) and encoder.layer4[0].conv2.dilation == (8, 8)
 
 
 def test_pixel_spacing_resamples_the_slices_and_outputs_keep_the_input_grid(bundle_root, tmp_path) -> None:
@@ -155,8 +166,9 @@ def test_a_trained_model_is_segmented_with_its_own_settings_from_ckpt_path_alone
     state = torch.load(trained_model, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())  # still a plain state dict (Model Zoo tools)
     settings = json.loads(trained_model.with_suffix(".json").read_text(encoding="utf-8"))
-    assert settings == {"encoder_width": 0.125, "num_classes": 5, "class_names": ["AA", "LAC", "LVC", "MYO"],
-                        "slice_axcodes": "RAS", "pixel_spacing": None, "running_stats": "target",
+    assert settings == {"encoder_width": 0.125, "output_stride": 8, "num_classes": 5,
+                        "class_names": ["AA", "LAC", "LVC", "MYO"], "slice_axcodes": "RAS", "pixel_spacing": None,
+                        "running_stats": "target",
                         "selection": "target_labels"}
     (tmp_path / "in").mkdir()
     write_volume(tmp_path / "in" / "case_01.nii.gz")

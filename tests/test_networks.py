@@ -29,6 +29,25 @@ def test_encoder_has_output_stride_8_and_scaled_channels(width: float, size: tup
     assert encoder.layer4_channels == 2 * encoder.layer3_channels == int(round(512 * width)) * 4
 
 
+@pytest.mark.parametrize("size", [(32, 32), (64, 48)])
+def test_output_stride_4_doubles_the_feature_maps_and_the_decoders_render_at_input_size(size) -> None:
+    coarse = DeepLabResNet50Encoder(in_channels=1, width=0.125).eval()
+    fine = DeepLabResNet50Encoder(in_channels=1, width=0.125, output_stride=4).eval()
+    fine.load_state_dict(coarse.state_dict())  # the same weights: only strides and dilations differ
+    x = torch.randn(2, 1, *size)
+    f3, f4 = fine(x)
+    assert f3.shape[-2:] == f4.shape[-2:] == (size[0] // 4, size[1] // 4)
+    assert f4.shape[-2:] == tuple(2 * s for s in coarse(x)[1].shape[-2:])
+    # the receptive fields stay: each later layer is dilated twice as much
+    assert [layer[0].conv2.dilation[0] for layer in (fine.layer2, fine.layer3, fine.layer4)] == [2, 4, 8]
+    decoder = TranslationDecoder(fine.layer4_channels, channels=16, stride=4)
+    assert decoder(f4).shape == (2, 1, *size)
+    segmenter = Segmenter(1, 5, width=0.125, output_stride=4).eval()
+    assert segmenter(x).shape == (2, 5, *size)
+    with pytest.raises(ValueError, match="output_stride must be one of"):
+        DeepLabResNet50Encoder(width=0.125, output_stride=16)
+
+
 def test_encoder_at_paper_width_is_resnet50() -> None:
     encoder = DeepLabResNet50Encoder(in_channels=1, width=1.0)
     assert [len(layer) for layer in (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4)] == [3, 4, 6, 3]
