@@ -178,23 +178,27 @@ TRANSLATING_TERMS = frozenset({"gen_t", "gen_s", "seg_s2t", "adv_sec"})
 """The terms of Eq. (12) that read U_s, U_t or a discriminator: Eq. (5), (6), (8) and (11)."""
 
 
-def load_auxiliary_networks(path: str | os.PathLike | None, networks: Mapping[str, nn.Module],
-                            terms: Sequence[str]) -> None:
-    """Load a stage's ``networks`` (``DSANTrainer.auxiliary_networks``: U_s, U_t, the discriminators) from ``path``,
-    a budget mark's ``auxiliary_<m>min.pt`` or a training checkpoint (``checkpoint_epoch=N.pt``, whose entries
-    have the same names), each checked to fit. Without ``path`` the networks stay as built, which only a stage
-    whose ``terms`` read none of them may do: Eq. (8) on the x_s->t of an untrained U_t would teach the
-    segmenter noise."""
+def check_auxiliary_ckpt(path: str | os.PathLike | None, terms: Sequence[str]) -> None:
+    """Before anything is built (self-training labels the target first): the stage's ``terms`` that read U_s, U_t
+    or a discriminator have them in ``path``, an existing file. Eq. (8) on the x_s->t of an untrained U_t would
+    teach the segmenter noise."""
     if path is None:
         translating = sorted(TRANSLATING_TERMS & set(terms))
         if translating:
             raise InputError(f"terms {translating} read the decoders and discriminators of the DSAN run this stage "
                              "goes on from: pass them as --init_auxiliary_ckpt (auxiliary_<m>min.pt of a budget "
                              "mark, or the run's checkpoint_epoch=N.pt).")
-        return
-    if not Path(path).is_file():
+    elif not Path(path).is_file():
         raise InputError(f"init_auxiliary_ckpt {str(path)!r} does not exist: pass a budget mark's "
                          "auxiliary_<m>min.pt or a training run's checkpoint_epoch=N.pt.")
+
+
+def load_auxiliary_networks(path: str | os.PathLike | None, networks: Mapping[str, nn.Module]) -> None:
+    """Load a stage's ``networks`` (``DSANTrainer.auxiliary_networks``: U_s, U_t, the discriminators) from ``path``,
+    a budget mark's ``auxiliary_<m>min.pt`` or a training checkpoint (``checkpoint_epoch=N.pt``, whose entries
+    have the same names), each checked to fit; without ``path`` they stay as built."""
+    if path is None:
+        return
     state = torch.load(path, map_location="cpu", weights_only=True)
     absent = sorted(set(networks) - set(state))
     if absent:

@@ -91,8 +91,9 @@ def test_a_batch_with_every_pixel_ignored_gives_a_zero_loss_and_zero_gradients()
     assert float(loss) == 0.0 and logits.grad.abs().max() == 0
 
 
-def tiny_overrides(tiny_dataset, out, init) -> dict:
+def tiny_overrides(tiny_dataset, out, init, auxiliary=None) -> dict:
     return {"dataset_dir": str(tiny_dataset.parent), "output_dir": str(out), "init_ckpt": str(init),
+            "init_auxiliary_ckpt": None if auxiliary is None else str(auxiliary),
             "prepare_dataset": "$lambda: None", "max_iterations": 4, "val_interval": 2, "pseudo_label_share": 0.5,
             **TINY}
 
@@ -106,11 +107,27 @@ def init_model(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def init_auxiliary(bundle_root, tiny_dataset, init_model):
+    """U_s, U_t and the discriminators of a tiny DSAN run (as a budget mark keeps them), each weight moved off a
+    fresh build's so that loading them shows."""
+    parser = ConfigParser()
+    parser.read_config(eval(CONFIGS))
+    parser.update({**tiny_overrides(tiny_dataset, init_model.parent / "unused", init_model),
+                   "bundle_root": str(bundle_root)})
+    torch.manual_seed(1)
+    state = {name: {key: value + 0.5 for key, value in module.state_dict().items()}
+             for name, module in parser.get_parsed_content("train#trainer").auxiliary_networks.items()}
+    path = init_model.with_name("auxiliary_20min.pt")
+    torch.save(state, path)
+    return path
+
+
 def test_self_training_pseudo_labels_the_target_and_trains_on_it(bundle_root, tiny_dataset, tmp_path,
-                                                                 init_model) -> None:
+                                                                 init_model, init_auxiliary) -> None:
     out = tmp_path / "st"
     run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
-        **tiny_overrides(tiny_dataset, out, init_model))
+        **tiny_overrides(tiny_dataset, out, init_model, init_auxiliary))
     manifest = json.loads((out / "pseudo_labels" / "pseudo_labels.json").read_text(encoding="utf-8"))
     assert manifest["model"] == str(init_model.resolve()) and manifest["share"] == 0.5
     assert len(manifest["entries"]) == 3  # every target_train volume
@@ -134,40 +151,37 @@ def test_self_training_pseudo_labels_the_target_and_trains_on_it(bundle_root, ti
         other = tmp_path / "other.pt"
         torch.save(torch.load(init_model, weights_only=True), other)
         run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
-            **{**tiny_overrides(tiny_dataset, out, other), "max_iterations": 6})
+            **{**tiny_overrides(tiny_dataset, out, other, init_auxiliary), "max_iterations": 6})
 
 
-def test_self_training_needs_a_model_to_start_from(bundle_root, tiny_dataset, tmp_path) -> None:
+def test_self_training_needs_a_model_to_start_from(bundle_root, tiny_dataset, tmp_path, init_auxiliary) -> None:
     with pytest.raises(InputError, match="init_ckpt is not set"):
         run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
-            **{**tiny_overrides(tiny_dataset, tmp_path / "st", "x"), "init_ckpt": None})
+            **{**tiny_overrides(tiny_dataset, tmp_path / "st", "x", init_auxiliary), "init_ckpt": None})
 
 
 def test_stage_terms_that_translate_need_the_dsan_runs_decoders(bundle_root, tiny_dataset, tmp_path,
                                                                  init_model) -> None:
-    with pytest.raises(InputError, match=r"terms \['seg_s2t'\] read the decoders"):
+    with pytest.raises(InputError, match=r"terms \['seg_s2t'\] read the decoders"):  # the default terms
         run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
-            **{**tiny_overrides(tiny_dataset, tmp_path / "st", init_model), "terms": ["seg_s", "seg_s2t", "seg_t"]})
+            **tiny_overrides(tiny_dataset, tmp_path / "st", init_model))
     with pytest.raises(InputError, match="does not exist"):
         run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
-            **{**tiny_overrides(tiny_dataset, tmp_path / "st", init_model), "terms": ["seg_s", "seg_s2t", "seg_t"],
-               "init_auxiliary_ckpt": str(tmp_path / "missing.pt")})
+            **tiny_overrides(tiny_dataset, tmp_path / "st", init_model, tmp_path / "missing.pt"))
+    assert not (tmp_path / "st" / "pseudo_labels").exists()  # stopped before labelling the target
+    # the former stage, without Eq. (8), reads no decoder and needs none
+    run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
+        **{**tiny_overrides(tiny_dataset, tmp_path / "st", init_model), "terms": ["seg_s", "seg_t"]})
+    assert (tmp_path / "st" / "model.pt").is_file()
 
 
 def test_eq_8_in_the_stage_reads_the_given_decoder_and_leaves_it_as_it_was(bundle_root, tiny_dataset, tmp_path,
-                                                                          init_model) -> None:
-    parser = ConfigParser()
-    parser.read_config(eval(CONFIGS))
-    parser.update({**tiny_overrides(tiny_dataset, tmp_path / "unused", init_model), "bundle_root": str(bundle_root)})
-    torch.manual_seed(1)
-    given = {name: {key: value + 0.5 for key, value in module.state_dict().items()}  # unlike a fresh build
-             for name, module in parser.get_parsed_content("train#trainer").auxiliary_networks.items()}
-    torch.save(given, tmp_path / "auxiliary_20min.pt")
+                                                                          init_model, init_auxiliary) -> None:
     out = tmp_path / "st"
     run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
-        **{**tiny_overrides(tiny_dataset, out, init_model), "terms": ["seg_s", "seg_s2t", "seg_t"],
-           "init_auxiliary_ckpt": str(tmp_path / "auxiliary_20min.pt")})
+        **tiny_overrides(tiny_dataset, out, init_model, init_auxiliary))
     final = torch.load(out / "checkpoint_epoch=2.pt", weights_only=True)
+    given = torch.load(init_auxiliary, weights_only=True)
     for key, value in given["decoder_t"].items():  # x_s->t is detached before E: Eq. (8) never moves U_t
         assert torch.equal(final["decoder_t"][key], value), key
     assert not torch.equal(final["segmenter"]["main_classifier.branches.0.weight"],
@@ -183,9 +197,9 @@ def scalars(folder) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_rounds_relabel_with_the_model_of_the_round_before_and_a_rerun_skips_finished_rounds(
-        bundle_root, tiny_dataset, tmp_path, init_model) -> None:
+        bundle_root, tiny_dataset, tmp_path, init_model, init_auxiliary) -> None:
     out = tmp_path / "rounds"
-    overrides = {**tiny_overrides(tiny_dataset, out, init_model), "bundle_root": str(bundle_root),
+    overrides = {**tiny_overrides(tiny_dataset, out, init_model, init_auxiliary), "bundle_root": str(bundle_root),
                  "logging_file": False}
     del overrides["output_dir"], overrides["init_ckpt"]
     records = train_in_rounds(eval(CONFIGS), str(init_model), str(out), rounds=2, **overrides)
@@ -217,16 +231,17 @@ def test_rounds_relabel_with_the_model_of_the_round_before_and_a_rerun_skips_fin
         train_in_rounds(eval(CONFIGS), str(init_model), str(tmp_path / "none"), rounds=0)
 
 
-def cli(dataset_dir, out, init) -> list[str]:
+def cli(dataset_dir, out, init, auxiliary) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", "run", "self_training", "--config_file", CONFIGS,
             "--dataset_dir", str(dataset_dir), "--output_dir", str(out), "--init_ckpt", str(init),
+            "--init_auxiliary_ckpt", str(auxiliary),
             "--prepare_dataset", "$lambda: None", "--max_iterations", "40", "--val_interval", "10",
             *[item for k, v in TINY.items() for item in (f"--{k}", str(v).replace(" ", ""))]]
 
 
 def test_kill_9_then_rerun_ends_as_an_uninterrupted_self_training_run(bundle_root, tiny_dataset, tmp_path,
-                                                                     init_model) -> None:
+                                                                     init_model, init_auxiliary) -> None:
     uninterrupted, killed, resumed = run_uninterrupted_and_killed(
-        lambda out: cli(tiny_dataset.parent, out, init_model), tmp_path, bundle_root)
+        lambda out: cli(tiny_dataset.parent, out, init_model, init_auxiliary), tmp_path, bundle_root)
     assert "reusing" in resumed.stdout + resumed.stderr  # the pseudo-labels it started with
     assert_same_final_state(uninterrupted, killed, epoch=4, iterations=40)

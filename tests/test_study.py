@@ -44,7 +44,8 @@ def test_every_setup_is_a_small_override_that_instantiates(bundle_root, tiny_dat
     if setup == "pretrained_encoder":
         pytest.skip("needs a local ResNet-50 weight file; loading is tested in test_networks.py")
     trainer = parser.get_parsed_content("train#trainer")
-    terms = {"source_only": {"seg_s"}, "supervised": {"seg_s"}, "adabn": {"seg_s"}, "self_training": {"seg_s", "seg_t"},
+    terms = {"source_only": {"seg_s"}, "supervised": {"seg_s"}, "adabn": {"seg_s"},
+             "self_training": {"seg_s", "seg_s2t", "seg_t"},
              "ablation_gen_t": {"gen_t", "seg_s2t"},
              "ablation_gen_ts": {"gen_t", "seg_s2t", "gen_s"},
              "ablation_gen_ts_seg": {"gen_t", "seg_s2t", "gen_s", "seg_s"}}
