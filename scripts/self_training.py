@@ -4,7 +4,7 @@ of the round before and trains from that model on the new pseudo-labels.
 
     python -m scripts self_training_rounds --rounds 3 --output_dir runs/self_training_rounds \\
         --config_file "['configs/train.yaml','configs/cpu.yaml','configs/demo.yaml','configs/self_training.yaml']" \\
-        --init_ckpt runs/demo/dsan/model.pt --max_minutes 5
+        --init_ckpt runs/demo/dsan/model.pt --init_auxiliary_ckpt runs/demo/dsan/checkpoint_epoch=6.pt --max_minutes 5
 
 Each round is one ``monai.bundle run self_training`` into ``<output_dir>/round_<r>`` with the budget given
 (per round); a round that finished writes ``round.json`` there, so a rerun after a kill skips the finished
