@@ -7,7 +7,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,13 +165,18 @@ def initialised_from(network: nn.Module, model: str | os.PathLike | None) -> nn.
     return network
 
 
-def save_atomically(state: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """torch.save ``state`` to ``path`` through a temporary file and a rename: a kill mid-write leaves no
-    truncated file."""
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it into place: a reader never sees half a file and a
+    kill mid-write leaves the old one."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(dict(state), temporary)
+    write(temporary)
     os.replace(temporary, path)
+
+
+def save_atomically(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """torch.save ``state`` to ``path`` (``write_atomically``)."""
+    write_atomically(path, lambda temporary: torch.save(dict(state), temporary))
 
 
 TRANSLATING_TERMS = frozenset({"gen_t", "gen_s", "seg_s2t", "adv_sec"})
@@ -218,10 +223,8 @@ def settings_file(model: str | os.PathLike) -> Path:
 def write_model_settings(model: str | os.PathLike, settings: Mapping[str, Any]) -> None:
     """Write ``settings`` to the sidecar of ``model`` through a temporary file and a rename, so a reader never
     sees half a file."""
-    path = settings_file(model)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(dict(settings), indent=1), encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomically(settings_file(model),
+                     lambda temporary: temporary.write_text(json.dumps(dict(settings), indent=1), encoding="utf-8"))
 
 
 def read_model_settings(model: str | os.PathLike) -> dict[str, Any]:
