@@ -2,7 +2,9 @@
 dataset whose target training volumes have labels (the phantom's ``target_train_labels``): the mean intensity of
 each class in x_s->t = U_t(E(x_s)) over the source training volumes (classes from y_s), beside the same class
 in the real source and real target images. A histogram distance cannot tell a right contrast per structure from
-a right mix of intensities; this can.
+a right mix of intensities; this can. Beside it, U_t(E(x_t)) over the target training volumes: what U_t renders
+of a real target image, the most it can give x_s->t. Where even that misses a structure's intensity, the decoder
+cannot draw the structure at E's resolution, and no adversarial weight will make x_s->t draw it.
 
     python -m scripts translation_check runs/budget/full --profile demo --setup full
 """
@@ -43,8 +45,8 @@ def _class_means(parser: ConfigParser, split: str, translate: Callable | None = 
 
 def translation_check(run_dir: str | os.PathLike, profile: str = "demo", setup: str = "full",
                       **overrides: object) -> str:
-    """Markdown table: per class, the mean intensity of x_s, x_t and x_s->t (the latest checkpoint in ``run_dir``),
-    and how far x_s->t is from x_t, against how far x_s is."""
+    """Markdown table: per class, the mean intensity of x_s, x_t, x_s->t and x_t->t = U_t(E(x_t)) (the latest
+    checkpoint in ``run_dir``), and how far x_s->t is from x_t, against how far x_s is."""
     parser = bundle_config(profile, setup, **{"device": "$torch.device('cpu')", **overrides})
     checkpoint = latest_checkpoint(Path(run_dir))
     if checkpoint is None:
@@ -53,12 +55,16 @@ def translation_check(run_dir: str | os.PathLike, profile: str = "demo", setup: 
     encoder, decoder = parser.get_parsed_content("translation_encoder"), parser.get_parsed_content("decoder_t")
     encoder.load_state_dict(state["translation_encoder"])
     decoder.load_state_dict(state["decoder_t"])
-    source, translated = _class_means(
-        parser, "source_train", lambda x: translate_as_in_training(encoder, decoder, x)).unbind(1)
-    target = _class_means(parser, "target_train_labels")[:, 0]
+    def to_target(images: torch.Tensor) -> torch.Tensor:
+        return translate_as_in_training(encoder, decoder, images)
+
+    source, translated = _class_means(parser, "source_train", to_target).unbind(1)
+    target, reconstructed = _class_means(parser, "target_train_labels", to_target).unbind(1)
     names = ["background", *parser.get_parsed_content("class_names")]
     lines = [f"checkpoint: {checkpoint}", "",
-             "| class | x_s | x_t | x_s->t | abs(x_s->t - x_t) | abs(x_s - x_t) |", "|---|---|---|---|---|---|"]
-    for name, s, t, st in zip(names, source.tolist(), target.tolist(), translated.tolist()):
-        lines.append(f"| {name} | {s:.3f} | {t:.3f} | {st:.3f} | {abs(st - t):.3f} | {abs(s - t):.3f} |")
+             "| class | x_s | x_t | x_s->t | x_t->t | abs(x_s->t - x_t) | abs(x_s - x_t) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s, t, st, tt in zip(names, source.tolist(), target.tolist(), translated.tolist(),
+                                  reconstructed.tolist()):
+        lines.append(f"| {name} | {s:.3f} | {t:.3f} | {st:.3f} | {tt:.3f} | {abs(st - t):.3f} | {abs(s - t):.3f} |")
     return "\n".join(lines)

@@ -210,8 +210,8 @@ def test_translation_check_reports_per_class_intensities_of_a_trained_run(tiny_d
             for line in table.splitlines()[4:]}
     assert list(rows) == ["background", "AA", "LAC", "LVC", "MYO"]
     assert "checkpoint_epoch=2.pt" in table.splitlines()[0]
-    for x_s, x_t, x_s2t, gap_translated, gap_untranslated in rows.values():
-        assert all(-1.0 <= v <= 1.0 for v in (x_s, x_t, x_s2t))  # images in [-1, 1], U_t ends in tanh
+    for x_s, x_t, x_s2t, x_t2t, gap_translated, gap_untranslated in rows.values():
+        assert all(-1.0 <= v <= 1.0 for v in (x_s, x_t, x_s2t, x_t2t))  # images in [-1, 1], U_t ends in tanh
         assert gap_translated == pytest.approx(abs(x_s2t - x_t), abs=2e-3)
         assert gap_untranslated == pytest.approx(abs(x_s - x_t), abs=2e-3)
     assert rows["MYO"][0] < 0 < rows["MYO"][1]  # the phantom's myocardium: dark in the source, bright in the target
