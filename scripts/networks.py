@@ -220,19 +220,38 @@ TRANSLATION_STRIDE = max(OUTPUT_STRIDES)
 sides are multiples of this, whichever output stride E has."""
 
 
+def transposed_upsampling(in_channels: int, out_channels: int) -> nn.Module:
+    """2x: a 3x3 transposed convolution at stride 2 (the paper's decoders)."""
+    return nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1)
+
+
+def resize_upsampling(in_channels: int, out_channels: int) -> nn.Module:
+    """2x: nearest-neighbour resize, then a 3x3 convolution (resize-convolution)."""
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+    )
+
+
+UPSAMPLINGS = {"transposed": transposed_upsampling, "resize": resize_upsampling}
+
+
 class TranslationDecoder(nn.Module):
-    """U_s / U_t: conv, 3 residual blocks, log2(``stride``) stride-2 transposed convolutions (3 at E's output
-    stride 8), tanh.
+    """U_s / U_t: conv, 3 residual blocks, log2(``stride``) 2x upsamplings (3 at E's output stride 8), tanh.
 
     Reads E's layer4 features (at 1/``stride``) and renders a 1-channel image in [-1, 1] of exactly the
-    encoder input's size whenever that input's sides are multiples of ``stride``.
+    encoder input's size whenever that input's sides are multiples of ``stride``. ``upsampling``:
+    ``transposed`` (the paper's stride-2 transposed convolutions) or ``resize`` (nearest-neighbour 2x, then a
+    3x3 convolution): a 3x3 kernel at stride 2 overlaps every other output pixel twice, the checkerboard that a
+    generator can also use to fool its discriminator; resizing first cannot draw it (Odena et al., Distill 2016).
     """
 
     def __init__(
         self, in_channels: int, out_channels: int = 1, channels: int = 256, num_res_blocks: int = 3,
-        norm: str = "instance", stride: int = 8,
+        norm: str = "instance", stride: int = 8, upsampling: str = "transposed",
     ) -> None:
         super().__init__()
+        if upsampling not in UPSAMPLINGS:
+            raise ValueError(f"upsampling must be one of {sorted(UPSAMPLINGS)}, got {upsampling!r}")
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, channels, 3, padding=1), make_norm(norm, channels), nn.ReLU(inplace=True)
         ]
@@ -241,13 +260,9 @@ class TranslationDecoder(nn.Module):
             raise ValueError(f"stride must be one of {sorted(OUTPUT_STRIDES)}, got {stride}")
         ch = channels
         for _ in range(stride.bit_length() - 2):  # all but the last of the log2(stride) upsamplings
-            layers += [
-                nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1),
-                make_norm(norm, ch // 2),
-                nn.ReLU(inplace=True),
-            ]
+            layers += [UPSAMPLINGS[upsampling](ch, ch // 2), make_norm(norm, ch // 2), nn.ReLU(inplace=True)]
             ch //= 2
-        layers += [nn.ConvTranspose2d(ch, out_channels, 3, stride=2, padding=1, output_padding=1), nn.Tanh()]
+        layers += [UPSAMPLINGS[upsampling](ch, out_channels), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -78,9 +78,11 @@ def test_segmenter_outputs_logits_at_input_size(size: tuple[int, int]) -> None:
 
 @pytest.mark.parametrize("size", [(32, 32), (64, 40), (256, 256)])
 @pytest.mark.parametrize("norm", ["instance", "batch", "none"])
-def test_translation_decoder_restores_input_size_in_tanh_range(size: tuple[int, int], norm: str) -> None:
+@pytest.mark.parametrize("upsampling", ["transposed", "resize"])
+def test_translation_decoder_restores_input_size_in_tanh_range(size: tuple[int, int], norm: str,
+                                                               upsampling: str) -> None:
     encoder = DeepLabResNet50Encoder(width=0.125)
-    decoder = TranslationDecoder(encoder.layer4_channels, channels=16, norm=norm)
+    decoder = TranslationDecoder(encoder.layer4_channels, channels=16, norm=norm, upsampling=upsampling)
     with torch.no_grad():
         out = decoder(encoder(torch.randn(1, 1, *size))[1])
     assert out.shape == (1, 1, *size)
@@ -90,6 +92,23 @@ def test_translation_decoder_restores_input_size_in_tanh_range(size: tuple[int, 
 def test_translation_decoder_rejects_unknown_norm() -> None:
     with pytest.raises(ValueError, match="norm must be one of"):
         TranslationDecoder(64, norm="group")
+    with pytest.raises(ValueError, match="upsampling must be one of"):
+        TranslationDecoder(64, upsampling="bilinear")
+
+
+def _interior_spread(upsampling: str) -> float:
+    """Std of the centre of what a decoder renders from spatially constant features: any pattern there comes from
+    the upsampling itself, the borders' zero padding being too far away to reach it."""
+    torch.manual_seed(0)
+    decoder = TranslationDecoder(8, channels=16, norm="none", upsampling=upsampling)
+    with torch.no_grad():
+        out = decoder(torch.ones(1, 8, 24, 24))[0, 0]
+    return out[80:112, 80:112].std().item()
+
+
+def test_resize_upsampling_renders_no_checkerboard_where_transposed_convolutions_do() -> None:
+    assert _interior_spread("resize") < 1e-5
+    assert _interior_spread("transposed") > 1e-3
 
 
 @pytest.mark.parametrize("size,in_channels", [((32, 32), 1), ((64, 64), 5), ((96, 64), 5)])
