@@ -250,14 +250,14 @@ class TranslationDecoder(nn.Module):
         norm: str = "instance", stride: int = 8, upsampling: str = "transposed",
     ) -> None:
         super().__init__()
+        if stride not in OUTPUT_STRIDES:
+            raise ValueError(f"stride must be one of {sorted(OUTPUT_STRIDES)}, got {stride}")
         if upsampling not in UPSAMPLINGS:
             raise ValueError(f"upsampling must be one of {sorted(UPSAMPLINGS)}, got {upsampling!r}")
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, channels, 3, padding=1), make_norm(norm, channels), nn.ReLU(inplace=True)
         ]
         layers += [ResidualBlock(channels, norm) for _ in range(num_res_blocks)]
-        if stride not in OUTPUT_STRIDES:
-            raise ValueError(f"stride must be one of {sorted(OUTPUT_STRIDES)}, got {stride}")
         ch = channels
         for _ in range(stride.bit_length() - 2):  # all but the last of the log2(stride) upsamplings
             layers += [UPSAMPLINGS[upsampling](ch, ch // 2), make_norm(norm, ch // 2), nn.ReLU(inplace=True)]

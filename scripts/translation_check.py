@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,9 +56,7 @@ def translation_check(run_dir: str | os.PathLike, profile: str = "demo", setup: 
     encoder, decoder = parser.get_parsed_content("translation_encoder"), parser.get_parsed_content("decoder_t")
     encoder.load_state_dict(state["translation_encoder"])
     decoder.load_state_dict(state["decoder_t"])
-    def to_target(images: torch.Tensor) -> torch.Tensor:
-        return translate_as_in_training(encoder, decoder, images)
-
+    to_target = partial(translate_as_in_training, encoder, decoder)
     source, translated = _class_means(parser, "source_train", to_target).unbind(1)
     target, reconstructed = _class_means(parser, "target_train_labels", to_target).unbind(1)
     names = ["background", *parser.get_parsed_content("class_names")]
