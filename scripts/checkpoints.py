@@ -124,7 +124,8 @@ def check_state_dict_fits(module: nn.Module, state: dict[str, torch.Tensor], sou
 
         raise CheckpointMismatchError(
             f"ERROR: {source} does not fit the {type(module).__name__} built from the config (another architecture "
-            "or width? encoder_width, num_classes and decoder/discriminator sizes must match the training run)."
+            "or width? encoder_width, num_classes, decoder_channels, decoder_upsampling and discriminator_channels "
+            "must match the training run)."
             + (listing("missing keys", missing) if missing else "")
             + (listing("unexpected keys", unexpected) if unexpected else "")
             + (listing("shape mismatches", reshaped) if reshaped else "")

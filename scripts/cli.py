@@ -8,6 +8,7 @@ import fire
 
 from scripts import benchmark
 from scripts.prepare import PrepareCommand
+from scripts.pseudo_labels import share_sweep
 from scripts.recalibration import recalibrate
 from scripts.selection_study import selection_study
 from scripts.self_training import train_in_rounds
@@ -38,5 +39,5 @@ class BenchmarkCommand:
 
 def main() -> None:
     fire.Fire({"benchmark": BenchmarkCommand(), "prepare": PrepareCommand(), "recalibrate": recalibrate,
-               "selection_study": selection_study, "self_training_rounds": train_in_rounds, "study": study,
-               "translation_check": translation_check})
+               "selection_study": selection_study, "self_training_rounds": train_in_rounds, "share_sweep": share_sweep,
+               "study": study, "translation_check": translation_check})

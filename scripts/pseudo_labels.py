@@ -16,16 +16,19 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+from monai.transforms import Compose
 from torch import nn
 
-from scripts.data import preprocessed_slices
+from scripts.checkpoints import initialised_from
+from scripts.data import optional_split, preprocessed_slices
 from scripts.losses import IGNORE_LABEL
+from scripts.setups import bundle_config
 
 logger = logging.getLogger("dsan")
 
@@ -74,6 +77,14 @@ def slice_predictions(segmenter: nn.Module, slices: torch.Tensor, batch_size: in
         segmenter.train(was_training)
 
 
+def predicted_volumes(segmenter: nn.Module, entries: Sequence[dict], transform: Callable, batch_size: int,
+                      device: torch.device | str) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor, dict]]:
+    """Per volume of ``entries``: the entry, (confidence, predicted class) of every pixel of its slices as
+    ``slice_predictions`` gives them, and its preprocessed item (image, affine, label where the entry has one)."""
+    for entry, item in zip(entries, preprocessed_slices(entries, transform)):
+        yield (entry, *slice_predictions(segmenter, item["image"], batch_size, device), item)
+
+
 def pseudo_label_quality(pseudo: torch.Tensor, truth: torch.Tensor, class_names: Sequence[str]) -> dict:
     """Per foreground class, how good the kept pixels are against the true labels: ``precision`` (of the pixels
     kept as c, the share truly c), ``share_of_class`` (of the true c pixels, the share kept as c) and ``kept``
@@ -115,10 +126,9 @@ def pseudo_label_split(segmenter: nn.Module, entries: Sequence[dict], transform:
         raise SystemExit(f"ERROR: {output_dir} holds pseudo-labels of model {manifest.get('model')} with share "
                          f"{manifest.get('share')}, not {asked['model']} with {share}: use another output_dir")
     output_dir.mkdir(parents=True, exist_ok=True)
-    volumes = []
-    for entry, item in zip(entries, preprocessed_slices(entries, transform)):
-        confidence, predicted = slice_predictions(segmenter, item["image"], batch_size, device)
-        volumes.append((entry, confidence, predicted, item["affine"]))
+    volumes = [(entry, confidence, predicted, item["affine"])  # not the images: a real target_train is large
+               for entry, confidence, predicted, item in predicted_volumes(segmenter, entries, transform, batch_size,
+                                                                           device)]
     thresholds = class_balanced_thresholds(torch.cat([v[1].reshape(-1) for v in volumes]),
                                            torch.cat([v[2].reshape(-1) for v in volumes]), num_classes, share)
     labelled, kept = [], torch.zeros(num_classes, dtype=torch.long)
@@ -143,3 +153,43 @@ def pseudo_label_split(segmenter: nn.Module, entries: Sequence[dict], transform:
     logger.info("pseudo-labels: %d volumes into %s, share %g per class, kept %s%s", len(labelled), output_dir, share,
                 manifest["kept_pixels"], f", quality {manifest['quality']}" if "quality" in manifest else "")
     return labelled
+
+
+def share_sweep(model: str | os.PathLike, profile: str = "demo", setup: str = "full",
+                shares: Sequence[float] = (1.0, 0.5, 0.2, 0.05), **overrides: object) -> str:
+    """Does the model's confidence rank its correctness on the target? Markdown table: for each share of CBST
+    pseudo-labels kept per class (``class_balanced_thresholds``; share 1 keeps every prediction), the precision
+    and the share of the true class of the kept pixels, % per class, of ``model`` on target_train against
+    target_train_labels. A diagnostic for the benchmarks, which have those labels: where precision does not rise
+    as the share falls, no share gives self-training clean labels of that class.
+
+        python -m scripts share_sweep runs/demo/dsan/model_20min.pt --profile demo
+    """
+    parser = bundle_config(profile, setup, **{"device": "$torch.device('cpu')", **overrides})
+    labelled = optional_split(parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir"),
+                              "target_train_labels")
+    if labelled is None:
+        raise SystemExit("ERROR: share_sweep scores pseudo-labels against target_train_labels, which this datalist "
+                         "does not have (the benchmarks' do; a user's target has no labels)")
+    segmenter = initialised_from(parser.get_parsed_content("network_def"), model)
+    confidence, predicted, truth = [], [], []
+    for _, scores, classes, item in predicted_volumes(segmenter, labelled,
+                                                        Compose(parser.get_parsed_content("preprocessing")),
+                                                        parser.get_parsed_content("batch_size"), "cpu"):
+        confidence.append(scores.reshape(-1))
+        predicted.append(classes.reshape(-1))
+        truth.append(item["label"][:, 0].long().reshape(-1))
+    confidence, predicted, truth = torch.cat(confidence), torch.cat(predicted), torch.cat(truth)
+    names = parser.get_parsed_content("class_names")
+    lines = [f"model: {model}", "", "| share kept | " + " | ".join(f"{n}: precision / of class" for n in names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for share in shares:
+        thresholds = class_balanced_thresholds(confidence, predicted, parser.get_parsed_content("num_classes"), share)
+        quality = pseudo_label_quality(confident_labels(confidence, predicted, thresholds), truth, names)
+        lines.append(f"| {share:g} | " + " | ".join(f"{_percent(q['precision'])} / {_percent(q['share_of_class'])}"
+                                                     for q in quality.values()) + " |")
+    return "\n".join(lines)
+
+
+def _percent(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{100 * ratio:.1f}"

@@ -14,7 +14,7 @@ from monai.bundle import ConfigParser, run
 
 from scripts.losses import IGNORE_LABEL, SegmentationLoss
 from scripts.networks import Segmenter
-from scripts.pseudo_labels import class_balanced_thresholds, confident_labels, pseudo_label_quality
+from scripts.pseudo_labels import class_balanced_thresholds, confident_labels, pseudo_label_quality, share_sweep
 from scripts.self_training import train_in_rounds
 from scripts.validation import InputError
 from tests.conftest import TINY
@@ -152,6 +152,35 @@ def test_self_training_pseudo_labels_the_target_and_trains_on_it(bundle_root, ti
         torch.save(torch.load(init_model, weights_only=True), other)
         run("self_training", config_file=eval(CONFIGS), bundle_root=str(bundle_root), logging_file=False,
             **{**tiny_overrides(tiny_dataset, out, other, init_auxiliary), "max_iterations": 6})
+
+
+def test_share_sweep_scores_the_kept_pixels_against_the_target_labels_and_needs_them(tiny_dataset, tmp_path,
+                                                                                      init_model) -> None:
+    state = torch.load(init_model, weights_only=True)
+    state["main_classifier.branches.0.bias"][3] += 5.0  # calls every pixel LVC, some more surely than others
+    lvc_everywhere = tmp_path / "lvc.pt"
+    torch.save(state, lvc_everywhere)
+    table = share_sweep(lvc_everywhere, profile="demo", shares=[1.0, 0.5, 0.2], dataset_dir=str(tiny_dataset.parent),
+                        **TINY)
+    lines = table.splitlines()
+    assert lines[2] == ("| share kept | AA: precision / of class | LAC: precision / of class | "
+                        "LVC: precision / of class | MYO: precision / of class |")
+    assert [line.split(" | ")[0].strip("| ") for line in lines[4:]] == ["1", "0.5", "0.2"]
+    rows = [[cell.split(" / ") for cell in line.strip("| ").split(" | ")[1:]] for line in lines[4:]]
+    assert all(row[k] == ["n/a", "0.0"] for row in rows for k in (0, 1, 3))  # nothing kept as AA, LAC, MYO
+    truth = np.concatenate([np.asarray(nib.load(tiny_dataset.parent / e["label"]).dataobj).ravel()
+                            for e in json.loads(tiny_dataset.read_text(encoding="utf-8"))["target_train_labels"]])
+    precision, coverage = zip(*[(float(row[2][0]), float(row[2][1])) for row in rows])
+    assert precision[0] == pytest.approx(100 * np.mean(truth == 3), abs=0.05)  # every pixel kept as LVC
+    assert coverage[0] == 100.0 and coverage[0] >= coverage[1] >= coverage[2] > 0.0
+    kept = [c / p for p, c in zip(precision, coverage)]  # pixels kept as LVC, in units of the true LVC pixels
+    assert kept[1] / kept[0] == pytest.approx(0.5, rel=0.15) and kept[2] / kept[0] == pytest.approx(0.2, rel=0.15)
+    datalist = json.loads(tiny_dataset.read_text(encoding="utf-8"))
+    del datalist["target_train_labels"]
+    unlabelled = tmp_path / "unlabelled.json"
+    unlabelled.write_text(json.dumps(datalist), encoding="utf-8")
+    with pytest.raises(SystemExit, match="target_train_labels"):
+        share_sweep(init_model, profile="demo", dataset_dir=str(tiny_dataset.parent), datalist=str(unlabelled), **TINY)
 
 
 def test_self_training_needs_a_model_to_start_from(bundle_root, tiny_dataset, tmp_path, init_auxiliary) -> None:
