@@ -13,6 +13,7 @@ from monai.bundle import run
 from scripts.data import split_labelled, validation_split
 from scripts.reporting import read_history
 from scripts.selection import SelectionError, agreement, confidence, information_maximisation, resolve_selection
+from scripts.setups import config_files
 from tests.conftest import TINY
 
 
@@ -58,10 +59,12 @@ def write_datalist(tiny_dataset, name: str, **splits) -> str:
     return str(path)
 
 
-def train(bundle_root, tiny_dataset, tmp_path, datalist: str, iterations: int = 2, **overrides) -> None:
-    run("training", config_file=[str(bundle_root / "configs/train.yaml"), str(bundle_root / "configs/demo.yaml")],
-        logging_file=False, dataset_dir=str(tiny_dataset.parent), datalist=datalist, output_dir=str(tmp_path),
-        prepare_dataset="$lambda: None", max_iterations=iterations, val_interval=1, **{**TINY, **overrides})
+def train(bundle_root, tiny_dataset, tmp_path, datalist: str, iterations: int = 2, config_file: list[str] | None = None,
+          **overrides) -> None:
+    config_file = config_file or [str(bundle_root / "configs/train.yaml"), str(bundle_root / "configs/demo.yaml")]
+    run("training", config_file=config_file, logging_file=False, dataset_dir=str(tiny_dataset.parent),
+        datalist=datalist, output_dir=str(tmp_path), prepare_dataset="$lambda: None", max_iterations=iterations,
+        val_interval=1, **{**TINY, **overrides})
 
 
 def test_a_datalist_without_any_target_label_trains_and_selects_label_free(bundle_root, tiny_dataset, tmp_path,
@@ -102,8 +105,8 @@ def test_selection_study_scores_every_checkpoint_and_reports_regret(bundle_root,
     from scripts.selection_study import selection_study
 
     run_dir = tmp_path / "run"
-    train(bundle_root, tiny_dataset, run_dir, str(tiny_dataset), iterations=3,
-          **{"train#checkpoint_saver#n_saved": 1000})
+    train(bundle_root, tiny_dataset, run_dir, str(tiny_dataset), iterations=3, config_file=config_files("demo", "full"),
+          **{"train#checkpoint_saver#n_saved": 1000})  # the profile selection_study rebuilds the run's networks with
     overrides = {"dataset_dir": str(tiny_dataset.parent), **TINY}
     table = selection_study(run_dir, output_dir=tmp_path / "study", **overrides)
     records = json.loads((tmp_path / "study" / "checkpoints.json").read_text(encoding="utf-8"))["/".join(
