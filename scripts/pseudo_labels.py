@@ -29,6 +29,7 @@ from scripts.checkpoints import initialised_from
 from scripts.data import optional_split, preprocessed_slices
 from scripts.losses import IGNORE_LABEL
 from scripts.setups import bundle_config
+from scripts.validation import InputError
 
 logger = logging.getLogger("dsan")
 
@@ -78,11 +79,16 @@ def slice_predictions(segmenter: nn.Module, slices: torch.Tensor, batch_size: in
 
 
 def predicted_volumes(segmenter: nn.Module, entries: Sequence[dict], transform: Callable, batch_size: int,
-                      device: torch.device | str) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor, dict]]:
-    """Per volume of ``entries``: the entry, (confidence, predicted class) of every pixel of its slices as
+                      device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """Per volume of ``entries``: (confidence, predicted class) of every pixel of its slices as
     ``slice_predictions`` gives them, and its preprocessed item (image, affine, label where the entry has one)."""
-    for entry, item in zip(entries, preprocessed_slices(entries, transform)):
-        yield (entry, *slice_predictions(segmenter, item["image"], batch_size, device), item)
+    for item in preprocessed_slices(entries, transform):
+        yield (*slice_predictions(segmenter, item["image"], batch_size, device), item)
+
+
+def _true_classes(item: dict) -> torch.Tensor:
+    """(D, H, W) class indices of a preprocessed item's (D, 1, H, W) label slices, as uint8 (few classes)."""
+    return item["label"][:, 0].to(torch.uint8)
 
 
 def pseudo_label_quality(pseudo: torch.Tensor, truth: torch.Tensor, class_names: Sequence[str]) -> dict:
@@ -125,15 +131,21 @@ def pseudo_label_split(segmenter: nn.Module, entries: Sequence[dict], transform:
             return manifest["entries"]
         raise SystemExit(f"ERROR: {output_dir} holds pseudo-labels of model {manifest.get('model')} with share "
                          f"{manifest.get('share')}, not {asked['model']} with {share}: use another output_dir")
+    scored = None if true_labels is None else list(true_labels)
+    if scored is not None and [e["image"] for e in scored] != [e["image"] for e in entries]:
+        raise InputError("target_train_labels must list the images of target_train, in the same order")
     output_dir.mkdir(parents=True, exist_ok=True)
-    volumes = [(entry, confidence, predicted, item["affine"])  # not the images: a real target_train is large
-               for entry, confidence, predicted, item in predicted_volumes(segmenter, entries, transform, batch_size,
-                                                                           device)]
+    # one read of each volume: with true_labels, the same images come with their labels; the images themselves
+    # are not kept (a real target_train is large)
+    volumes = [(entry, confidence, predicted, item["affine"], None if scored is None else _true_classes(item))
+               for entry, (confidence, predicted, item) in zip(
+                   entries, predicted_volumes(segmenter, entries if scored is None else scored, transform, batch_size,
+                                              device))]
     thresholds = class_balanced_thresholds(torch.cat([v[1].reshape(-1) for v in volumes]),
                                            torch.cat([v[2].reshape(-1) for v in volumes]), num_classes, share)
     labelled, kept = [], torch.zeros(num_classes, dtype=torch.long)
     pseudo_maps = []
-    for entry, confidence, predicted, affine in volumes:
+    for entry, confidence, predicted, affine, _ in volumes:
         pseudo = confident_labels(confidence, predicted, thresholds)
         path = output_dir / f"{Path(entry['image']).name.split('.')[0]}_pseudo.nii.gz"
         _write_map(pseudo, affine, path)
@@ -142,11 +154,9 @@ def pseudo_label_split(segmenter: nn.Module, entries: Sequence[dict], transform:
         pseudo_maps.append(pseudo)
     manifest = {**asked, "thresholds": [None if math.isinf(t) else t for t in thresholds.tolist()],
                 "kept_pixels": dict(zip(["background", *class_names], kept.tolist())), "entries": labelled}
-    if true_labels is not None:
-        truth = torch.cat([item["label"][:, 0].long().reshape(-1)
-                           for item in preprocessed_slices(true_labels, transform)])
-        manifest["quality"] = pseudo_label_quality(torch.cat([p.reshape(-1) for p in pseudo_maps]), truth,
-                                                   class_names)
+    if scored is not None:
+        manifest["quality"] = pseudo_label_quality(torch.cat([p.reshape(-1) for p in pseudo_maps]),
+                                                   torch.cat([v[4].reshape(-1) for v in volumes]), class_names)
     temporary = manifest_file.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     os.replace(temporary, manifest_file)  # last: a folder without its manifest is relabelled from scratch
@@ -169,16 +179,16 @@ def share_sweep(model: str | os.PathLike, profile: str = "demo", setup: str = "f
     labelled = optional_split(parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir"),
                               "target_train_labels")
     if labelled is None:
-        raise SystemExit("ERROR: share_sweep scores pseudo-labels against target_train_labels, which this datalist "
-                         "does not have (the benchmarks' do; a user's target has no labels)")
+        raise InputError("share_sweep scores pseudo-labels against target_train_labels, which this datalist does "
+                         "not have (the benchmarks' do; a user's target has no labels)")
     segmenter = initialised_from(parser.get_parsed_content("network_def"), model)
     confidence, predicted, truth = [], [], []
-    for _, scores, classes, item in predicted_volumes(segmenter, labelled,
-                                                        Compose(parser.get_parsed_content("preprocessing")),
-                                                        parser.get_parsed_content("batch_size"), "cpu"):
+    transform = Compose(parser.get_parsed_content("preprocessing"))
+    for scores, classes, item in predicted_volumes(segmenter, labelled, transform,
+                                                   parser.get_parsed_content("batch_size"), "cpu"):
         confidence.append(scores.reshape(-1))
         predicted.append(classes.reshape(-1))
-        truth.append(item["label"][:, 0].long().reshape(-1))
+        truth.append(_true_classes(item).reshape(-1))
     confidence, predicted, truth = torch.cat(confidence), torch.cat(predicted), torch.cat(truth)
     names = parser.get_parsed_content("class_names")
     lines = [f"model: {model}", "", "| share kept | " + " | ".join(f"{n}: precision / of class" for n in names) + " |",

@@ -14,7 +14,13 @@ from monai.bundle import ConfigParser, run
 
 from scripts.losses import IGNORE_LABEL, SegmentationLoss
 from scripts.networks import Segmenter
-from scripts.pseudo_labels import class_balanced_thresholds, confident_labels, pseudo_label_quality, share_sweep
+from scripts.pseudo_labels import (
+    class_balanced_thresholds,
+    confident_labels,
+    pseudo_label_quality,
+    pseudo_label_split,
+    share_sweep,
+)
 from scripts.self_training import train_in_rounds
 from scripts.validation import InputError
 from tests.conftest import TINY
@@ -181,6 +187,16 @@ def test_share_sweep_scores_the_kept_pixels_against_the_target_labels_and_needs_
     unlabelled.write_text(json.dumps(datalist), encoding="utf-8")
     with pytest.raises(SystemExit, match="target_train_labels"):
         share_sweep(init_model, profile="demo", dataset_dir=str(tiny_dataset.parent), datalist=str(unlabelled), **TINY)
+
+
+def test_true_labels_of_other_images_or_order_stop_before_anything_is_labelled(tmp_path) -> None:
+    entries = [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}]
+    swapped = [{"image": "b.nii.gz", "label": "b_label.nii.gz"}, {"image": "a.nii.gz", "label": "a_label.nii.gz"}]
+    with pytest.raises(InputError, match="same order"):
+        pseudo_label_split(Segmenter(1, 5, width=TINY["encoder_width"]), entries, lambda item: item, share=0.5,
+                           num_classes=5, class_names=["AA", "LAC", "LVC", "MYO"], batch_size=2, device="cpu",
+                           output_dir=tmp_path / "pl", true_labels=swapped)
+    assert not (tmp_path / "pl").exists()
 
 
 def test_self_training_needs_a_model_to_start_from(bundle_root, tiny_dataset, tmp_path, init_auxiliary) -> None:
